@@ -1,0 +1,1 @@
+"""Device helpers and logging set-up."""

@@ -1,0 +1,28 @@
+"""Shared test helpers: fixture paths under ../shared (skipped with a reason when absent), seeded tiny models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tiny tensors: one thread avoids the oversubscription slowdown measured when two processes share two cores.
+torch.set_num_threads(int(os.environ.get("BITSMITH_TEST_THREADS", "1")))
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("BITSMITH_SHARED", PROJECT_ROOT.parent / "shared"))
+
+
+def shared_path(*parts: str) -> Path:
+    """Path of a fixture under ../shared; skips the calling test with a clear reason when it is absent."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"fixture {path} not found: the real fixtures live in ../shared beside the project root")
+    return path
+
+
+@pytest.fixture
+def seeded() -> None:
+    torch.manual_seed(0)
