@@ -97,13 +97,16 @@ class _Grid:
             self.scale = torch.empty(w.shape[0], n_groups, device=w.device, dtype=w.dtype)
             self.zero = torch.empty_like(self.scale) if spec.format.has_zero_point else None
 
+    def needs_refresh(self, j: int) -> bool:
+        """True at the first column of a dynamic group."""
+        return self.dynamic and j % self.group == 0
+
     def refresh(self, j: int, upcoming: torch.Tensor) -> None:
-        """At a dynamic group's first column ``j``: qparams from its current columns ``upcoming (out, ≤g)``."""
-        if self.dynamic and j % self.group == 0:
-            s, z = self.column_spec.qparams(upcoming[:, : self.group])
-            self.scale[:, j // self.group] = s[:, 0, 0]
-            if self.zero is not None:
-                self.zero[:, j // self.group] = z[:, 0, 0]
+        """Qparams of the group starting at column ``j`` from its up-to-date columns ``upcoming (out, ≤g)``."""
+        s, z = self.column_spec.qparams(upcoming[:, : self.group])
+        self.scale[:, j // self.group] = s[:, 0, 0]
+        if self.zero is not None:
+            self.zero[:, j // self.group] = z[:, 0, 0]
 
     def quant(self, w: torch.Tensor, j: int) -> torch.Tensor:
         """Quantize-dequantize column ``w (out,)`` that sits at original column ``j``."""
@@ -142,7 +145,9 @@ def gptq_quantize(
         err = torch.zeros_like(w1)
         for i in range(i2 - i1):
             j = i1 + i
-            grid.refresh(j, torch.cat([w1[:, i:], w[:, i2:]], dim=1))
+            if grid.needs_refresh(j):  # group columns past this lazy block still miss its pending updates
+                tail = w[:, i2 : j + grid.group] - err[:, :i] @ u[i1 : i1 + i, i2 : j + grid.group]
+                grid.refresh(j, torch.cat([w1[:, i:], tail], dim=1))
             col = w1[:, i]
             qc = grid.quant(col, int(perm[j]))
             q[:, j] = qc
