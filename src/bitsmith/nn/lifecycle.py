@@ -9,6 +9,7 @@ from torch import nn
 
 from ..formats import QuantSpec
 from .linear import QuantLinear
+from .packed import PackedLinear
 
 SpecFn = Callable[[str, nn.Linear], "tuple[QuantSpec | None, QuantSpec | None]"]
 
@@ -83,4 +84,13 @@ def fold_to_linear(root: nn.Module) -> int:
     for name in names:
         q = root.get_submodule(name)
         _set_child(root, name, q.to_linear())
+    return len(names)
+
+
+@torch.no_grad()
+def pack_all(root: nn.Module) -> int:
+    """Replace every frozen QuantLinear under ``root`` by a :class:`PackedLinear`. Returns how many."""
+    names = [n for n, q in quant_linears(root) if q.frozen is not None]
+    for name in names:
+        _set_child(root, name, PackedLinear.from_frozen(root.get_submodule(name)))
     return len(names)

@@ -1,0 +1,93 @@
+"""PackedLinear: the last lifecycle stage — bit-packed codes plus scales/zeros, dequantize-and-matmul forward.
+
+Storage per layer (buffers):
+
+* ``qweight``: integer codes as unsigned values, packed along the input dim with
+  :func:`bitsmith.formats.packing.pack_int` (int32 words; symmetric codes are offset by ``2^(N−1)``), or FP4
+  codes two per byte with :func:`~bitsmith.formats.packing.pack_fp4`; shape ``(out, words)``.
+* ``scale``: ``(out, G)`` in the model dtype (or ``(1, 1)`` per tensor); ``zero``: ``(out, G)`` uint8 codes
+  (asymmetric integer formats only).
+
+The forward is the reference CPU path: unpack, dequantize, ``F.linear``. It is bit-exact with the frozen
+QuantLinear's weight.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..formats import E2M1, IntFormat, QuantizedTensor, QuantSpec
+from ..formats.packing import pack_fp4, pack_int, storage_bits, unpack_fp4, unpack_int
+
+
+def _offset(spec: QuantSpec) -> int:
+    """Added to codes before packing so they are unsigned (symmetric integers are signed)."""
+    fmt = spec.format
+    return -fmt.qmin if isinstance(fmt, IntFormat) else 0
+
+
+def pack_codes(qt: QuantizedTensor) -> torch.Tensor:
+    """Packed storage of ``qt.codes (out, in)``."""
+    codes = qt.codes.to(torch.int32) + _offset(qt.spec)
+    if qt.spec.format == E2M1:
+        return pack_fp4(codes.to(torch.uint8))
+    return pack_int(codes, qt.spec.format.bits)
+
+
+def unpack_codes(packed: torch.Tensor, spec: QuantSpec, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: codes ``(out, n)`` in the format's own dtype (int8/uint8)."""
+    if spec.format == E2M1:
+        return unpack_fp4(packed, n)
+    codes = unpack_int(packed, spec.format.bits, n)
+    off = _offset(spec)
+    return (codes.to(torch.int16) - off).to(torch.int8) if off else codes
+
+
+class PackedLinear(nn.Module):
+    """``y = x · dequant(unpack(qweight))ᵀ + b``; x ``(..., in)``, y ``(..., out)``."""
+
+    def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.spec = qt.spec
+        self.out_features, self.in_features = qt.codes.shape
+        self.register_buffer("qweight", pack_codes(qt))
+        self.register_buffer("scale", qt.scale.to(dtype))
+        self.register_buffer("zero", None if qt.zero is None else qt.zero.to(torch.uint8))
+        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
+
+    @classmethod
+    def from_frozen(cls, q: nn.Module) -> "PackedLinear":
+        """Pack a frozen :class:`~bitsmith.nn.QuantLinear`."""
+        if getattr(q, "frozen", None) is None:
+            raise ValueError("only a frozen QuantLinear can be packed; call freeze() first")
+        return cls(q.frozen, q.bias, q.weight.dtype)
+
+    def unpack(self) -> QuantizedTensor:
+        """The frozen quantization this layer stores (codes unpacked, qparams as stored)."""
+        codes = unpack_codes(self.qweight, self.spec, self.in_features)
+        zero = None if self.zero is None else self.zero.to(self.scale.dtype)
+        return QuantizedTensor(codes, self.scale, zero, self.spec)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.unpack().dequantize(self.scale.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantized_weight().to(x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def storage_bits(self, scale_bits: int = 16) -> int:
+        """Logical storage of codes + scales + zeros (zeros at the code width), excluding the bias."""
+        n = self.out_features * self.in_features
+        bits = self.spec.format.bits
+        n_zero = 0 if self.zero is None else self.zero.numel()
+        return storage_bits(n, bits, self.scale.numel(), scale_bits, n_zero, bits)
+
+    def buffer_nbytes(self) -> int:
+        """Bytes actually held in memory by the quantized buffers (codes, scales, zeros)."""
+        bufs = [self.qweight, self.scale] + ([self.zero] if self.zero is not None else [])
+        return sum(b.numel() * b.element_size() for b in bufs)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.spec.format.name}, {self.spec.granularity}"
