@@ -48,3 +48,13 @@ def test_load_errors(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         QuantConfig.load(bad)
+
+
+def test_shipped_recipes_load():
+    from pathlib import Path
+
+    files = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.json"))
+    assert len(files) >= 5
+    for f in files:
+        cfg = QuantConfig.load(f)
+        assert cfg.weight is not None and QuantConfig.from_dict(cfg.to_dict()) == cfg
