@@ -1,1 +1,43 @@
-"""bitsmith.models"""
+"""bitsmith.models: the only place that knows Hugging Face module names.
+
+- :mod:`.registry`: architectures as data rows (:class:`Architecture`), :func:`get_architecture`,
+  :func:`geometry`, :func:`find_linears`.
+- :mod:`.loading`: :func:`load_model` from a local folder, :func:`model_context_length`.
+- :mod:`.walker`: run any registered model block by block (:func:`capture_block_inputs`, :func:`block_forward`,
+  :func:`run_blocks`, :func:`final_logits`, :func:`blockwise_logits`).
+"""
+
+from __future__ import annotations
+
+from .errors import ModelError
+from .loading import load_model, model_context_length
+from .registry import (
+    ARCHITECTURES,
+    Architecture,
+    FusedQKV,
+    Geometry,
+    find_linears,
+    geometry,
+    get_architecture,
+    get_blocks,
+    resolve,
+    rope_pairs,
+    supported_architectures,
+)
+from .walker import (
+    BlockInputs,
+    block_forward,
+    blockwise_logits,
+    capture_block_inputs,
+    final_logits,
+    iter_blocks,
+    on_device,
+    run_blocks,
+)
+
+__all__ = [
+    "ARCHITECTURES", "Architecture", "BlockInputs", "FusedQKV", "Geometry", "ModelError", "block_forward",
+    "blockwise_logits", "capture_block_inputs", "final_logits", "find_linears", "geometry", "get_architecture",
+    "get_blocks", "iter_blocks", "load_model", "model_context_length", "on_device", "resolve", "rope_pairs",
+    "run_blocks", "supported_architectures",
+]
