@@ -1,0 +1,81 @@
+"""Block-level drivers: quantize every QuantLinear of one decoder block with a weight algorithm.
+
+A driver gets the block's QuantLinears, the block's calibration inputs and a ``forward(hidden, kwargs)``
+callable (supplied by :mod:`bitsmith.models`, which alone knows how to call a Hugging Face block), and leaves
+each QuantLinear frozen. It returns per-layer statistics.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..formats import QuantizedTensor
+from ..nn import QuantLinear, set_quant_state
+from .gptq import GPTQConfig, accumulate_hessian, gptq_quantize
+from .rtn import rtn_quantize
+
+log = logging.getLogger(__name__)
+
+BlockForward = Callable[[torch.Tensor, dict], torch.Tensor]
+
+
+def weight_error(w: torch.Tensor, qt: QuantizedTensor) -> float:
+    """Relative squared error ``‖W − Ŵ‖² / ‖W‖²`` of a frozen weight."""
+    w = w.detach().float()
+    return float((w - qt.dequantize().to(w.device)).pow(2).sum() / w.pow(2).sum().clamp(min=1e-30))
+
+
+def rtn_block(qlinears: dict[str, QuantLinear], **_: object) -> dict[str, dict]:
+    """Round-to-nearest every layer (LWC logits, if any, are applied as they stand)."""
+    stats = {}
+    for name, q in qlinears.items():
+        if q.weight_quantizer is None:
+            continue
+        qt = q.freeze(None if q.weight_quantizer.has_lwc else rtn_quantize(q.weight, q.weight_quantizer.spec))
+        stats[name] = {"weight_rel_err": weight_error(q.weight, qt)}
+    return stats
+
+
+@torch.no_grad()
+def collect_hessians(block: nn.Module, qlinears: dict[str, QuantLinear], inputs: list[torch.Tensor],
+                     kwargs: list[dict], forward: BlockForward) -> dict[str, torch.Tensor]:
+    """``H = 2/N Σ x xᵀ`` of every QuantLinear's input over all calibration batches (full-precision weights;
+    inputs pass through the layer's activation quantizer when it has one)."""
+    acc: dict[str, tuple[torch.Tensor | None, int]] = {n: (None, 0) for n in qlinears}
+    hooks = []
+    for name, q in qlinears.items():
+        def hook(mod: QuantLinear, args: tuple, name: str = name) -> None:
+            x = args[0]
+            if mod.act_quantizer is not None and mod.act_quantizer.enabled:
+                x = mod.act_quantizer(x)
+            acc[name] = accumulate_hessian(*acc[name], x)
+        hooks.append(q.register_forward_pre_hook(hook))
+    set_quant_state(block, weight=False, act=True)
+    try:
+        for h, kw in zip(inputs, kwargs):
+            forward(h, kw)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    missing = [n for n, (hm, _) in acc.items() if hm is None]
+    if missing:
+        raise RuntimeError(f"no calibration input reached {', '.join(missing)}; the block's forward skipped them")
+    return {n: hm for n, (hm, _) in acc.items()}
+
+
+def gptq_block(block: nn.Module, qlinears: dict[str, QuantLinear], inputs: list[torch.Tensor],
+               kwargs: list[dict], forward: BlockForward, cfg: GPTQConfig) -> dict[str, dict]:
+    """GPTQ every layer of ``block`` from Hessians gathered in one pass over the calibration inputs
+    (all layers of a block see full-precision block inputs, as in llm-compressor's sequential pipeline)."""
+    targets = {n: q for n, q in qlinears.items() if q.weight_quantizer is not None}
+    hessians = collect_hessians(block, targets, inputs, kwargs, forward)
+    stats = {}
+    for name, q in targets.items():
+        qt, loss = gptq_quantize(q.weight, hessians.pop(name), q.weight_quantizer.spec, cfg)
+        q.freeze(qt)
+        stats[name] = {"weight_rel_err": weight_error(q.weight, qt), "gptq_loss": loss}
+    return stats

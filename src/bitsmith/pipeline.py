@@ -1,0 +1,124 @@
+"""The quantization pipeline: calibration inputs → block-by-block quantization → quantized model + report.
+
+Only one decoder block sits on the compute device at a time. Each block is quantized with inputs produced by
+the already-quantized blocks before it (GPTQ/OmniQuant convention).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .algorithms.block import gptq_block, rtn_block
+from .config import QuantConfig
+from .formats import QuantizedTensor, QuantSpec
+from .models import Architecture, block_forward, capture_block_inputs, find_linears, get_blocks
+from .nn import QuantLinear, quant_linears, set_quant_state, to_fake
+from .utils.device import empty_cache
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantResult:
+    """Frozen weights by qualified module name, and per-block/per-layer statistics."""
+
+    frozen: dict[str, QuantizedTensor] = field(default_factory=dict)
+    blocks: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _spec_fn(config: QuantConfig):
+    def fn(name: str, lin: nn.Linear) -> tuple[QuantSpec | None, QuantSpec | None]:
+        return config.weight, config.act
+    return fn
+
+
+def _mse(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    num = sum(float((x.float() - y.float()).pow(2).sum()) for x, y in zip(a, b))
+    den = sum(x.numel() for x in a)
+    return num / max(den, 1)
+
+
+@torch.no_grad()
+def _outputs(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
+    return [block_forward(block, h, kw) for h, kw in zip(hidden, kwargs)]
+
+
+def quantize_block(block: nn.Module, config: QuantConfig, hidden: list[torch.Tensor],
+                   kwargs: list[dict]) -> tuple[dict[str, dict], list[torch.Tensor], float]:
+    """Quantize the linears of one block in place; returns (per-layer stats, quantized outputs, block MSE).
+
+    ``hidden``: the block's inputs, one ``(b, T, H)`` tensor per batch, from the quantized prefix.
+    """
+    names = list(find_linears(block))
+    qlinears = to_fake(block, names, _spec_fn(config))
+    set_quant_state(block, weight=False, act=False)
+    fp_out = _outputs(block, hidden, kwargs)
+    if config.weight is None:
+        stats: dict[str, dict] = {}
+    elif config.method == "gptq":
+        stats = gptq_block(block, qlinears, hidden, kwargs, lambda h, kw: block_forward(block, h, kw), config.gptq)
+    else:
+        stats = rtn_block(qlinears)
+    set_quant_state(block, weight=True, act=config.act is not None)
+    q_out = _outputs(block, hidden, kwargs)
+    return stats, q_out, _mse(q_out, fp_out)
+
+
+def finalize_block(block: nn.Module, prefix: str) -> dict[str, QuantizedTensor]:
+    """Replace QuantLinears by their deployable form: a plain Linear holding the dequantized weight, or (with
+    activation quantization) a weight-float QuantLinear that still quantizes its input. Returns the frozen
+    codes by qualified name (on the CPU)."""
+    frozen = {}
+    for name, q in list(quant_linears(block)):
+        if q.frozen is not None:
+            qt = q.frozen
+            frozen[f"{prefix}.{name}"] = QuantizedTensor(qt.codes.cpu(), qt.scale.cpu(),
+                                                         None if qt.zero is None else qt.zero.cpu(), qt.spec)
+        lin = q.to_linear()
+        new: nn.Module = lin
+        if q.act_quantizer is not None:
+            new = QuantLinear(lin, None, q.act_quantizer.spec)
+        parent, _, child = name.rpartition(".")
+        setattr(block.get_submodule(parent) if parent else block, child, new)
+    return frozen
+
+
+def quantize_model(model: nn.Module, arch: Architecture, config: QuantConfig, calib: torch.Tensor,
+                   device: torch.device, progress: bool = True) -> QuantResult:
+    """Quantize ``model`` in place. ``calib``: calibration token ids ``(nsamples, seqlen)``."""
+    start = time.perf_counter()
+    inputs = capture_block_inputs(model, arch, calib, device, batch_size=config.batch_size)
+    hidden = inputs.hidden
+    result = QuantResult()
+    blocks = get_blocks(model, arch)
+    bar = tqdm(list(enumerate(blocks)), desc=f"{config.method} {config.label}", disable=not progress, unit="block")
+    for i, block in bar:
+        t0 = time.perf_counter()
+        home = next(block.parameters()).device
+        block.to(device)
+        stats, hidden, mse = quantize_block(block, config, hidden, inputs.block_kwargs(i))
+        result.frozen.update(finalize_block(block, f"{arch.layers}.{i}"))
+        block.to(home)
+        empty_cache(device)
+        result.blocks.append({"block": i, "output_mse": mse, "seconds": time.perf_counter() - t0, "layers": stats})
+        bar.set_postfix(mse=f"{mse:.3g}")
+        log.debug("block %d: output MSE %.4g", i, mse)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def apply_activation_quant(model: nn.Module, arch: Architecture, act: QuantSpec) -> int:
+    """Wrap every block linear of an (already weight-quantized) model with an input quantizer. Returns count."""
+    n = 0
+    for block in get_blocks(model, arch):
+        names = list(find_linears(block))
+        to_fake(block, names, lambda name, lin: (None, act))
+        n += len(names)
+    return n
