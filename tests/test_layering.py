@@ -1,0 +1,87 @@
+"""The package's one-way layering (STYLE.md §2.1): lower layers never import higher ones; no literal
+accelerator name outside the device helper; library modules never print."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "bitsmith"
+ORDER = ["formats", "nn", "transforms", "algorithms", "config", "models", "pipeline", "data", "eval", "export", "cli"]
+# what each layer may import from bitsmith (besides itself); utils is usable by all
+ALLOWED = {
+    "formats": set(),
+    "nn": {"formats"},
+    "transforms": {"formats", "nn"},
+    "algorithms": {"formats", "nn", "transforms"},
+    "config": {"formats", "algorithms"},
+    "models": {"formats", "nn", "transforms", "algorithms"},
+    "data": set(),
+    "eval": set(),
+}
+
+
+def _bitsmith_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    rel = path.relative_to(SRC).parts
+    pkg_depth = len(rel) - 1  # directories below bitsmith/
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: climb to bitsmith/ then take the first component
+                up = node.level - 1
+                base = list(rel[:-1])[: max(pkg_depth - up, 0)] if up <= pkg_depth else []
+                mod = (node.module or "").split(".")
+                parts = base + [p for p in mod if p]
+                if parts:
+                    out.add(parts[0])
+                else:
+                    out.update(a.name for a in node.names)
+            elif node.module and node.module.startswith("bitsmith."):
+                out.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            out.update(a.name.split(".")[1] for a in node.names if a.name.startswith("bitsmith."))
+    return out
+
+
+def _layer_of(path: Path) -> str:
+    first = path.relative_to(SRC).parts[0]
+    return first.removesuffix(".py")
+
+
+@pytest.mark.parametrize("layer", sorted(ALLOWED))
+def test_layer_imports_only_lower_layers(layer):
+    files = list((SRC / layer).rglob("*.py")) if (SRC / layer).is_dir() else [SRC / f"{layer}.py"]
+    assert files
+    for f in files:
+        bad = _bitsmith_imports(f) - ALLOWED[layer] - {layer, "utils", "__init__"}
+        assert not bad, f"{f.relative_to(SRC)} imports {sorted(bad)}, above its layer {layer!r}"
+
+
+def test_formats_is_pure():
+    for f in (SRC / "formats").rglob("*.py"):
+        for n in ast.walk(ast.parse(f.read_text())):
+            uses_nn = (
+                (isinstance(n, ast.ImportFrom) and n.module == "torch" and any(a.name == "nn" for a in n.names))
+                or (isinstance(n, ast.Import) and any(a.name.startswith("torch.nn") for a in n.names))
+                or (isinstance(n, ast.Attribute) and n.attr == "nn" and getattr(n.value, "id", "") == "torch")
+            )
+            assert not uses_nn, f"formats/{f.name} uses torch.nn"
+
+
+def test_no_accelerator_literal_outside_device_helper():
+    for f in SRC.rglob("*.py"):
+        if f.name == "device.py":
+            continue
+        assert '"cuda' not in f.read_text() and "'cuda" not in f.read_text(), f"{f} names the accelerator"
+
+
+def test_library_never_prints():
+    for f in SRC.rglob("*.py"):
+        if f.parts[-2] == "cli":
+            continue
+        calls = [n for n in ast.walk(ast.parse(f.read_text()))
+                 if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "print"]
+        assert not calls, f"{f.relative_to(SRC)} calls print()"
