@@ -66,9 +66,9 @@ def test_formats_is_pure():
             uses_nn = (
                 (isinstance(n, ast.ImportFrom) and n.module == "torch" and any(a.name == "nn" for a in n.names))
                 or (isinstance(n, ast.Import) and any(a.name.startswith("torch.nn") for a in n.names))
-                or (isinstance(n, ast.Attribute) and n.attr == "nn" and getattr(n.value, "id", "") == "torch")
+                or (isinstance(n, ast.Attribute) and n.attr in {"Module", "Parameter", "Linear"})
             )
-            assert not uses_nn, f"formats/{f.name} uses torch.nn"
+            assert not uses_nn, f"formats/{f.name} uses torch.nn modules (pure functions like F.pad are fine)"
 
 
 def test_no_accelerator_literal_outside_device_helper():
