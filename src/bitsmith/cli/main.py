@@ -1,0 +1,255 @@
+"""Command line: ``bitsmith quantize`` and ``bitsmith eval``. The only place that parses strings.
+
+Every user error (bad flag combination, missing path, unknown dataset, …) ends with one line on stderr,
+``bitsmith: error: …``, and exit code 2, before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .. import __version__
+
+log = logging.getLogger("bitsmith.cli")
+
+
+class UsageError(ValueError):
+    """A bad command line."""
+
+
+# ---- argument parsing ----------------------------------------------------------------------------------
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--data-dir", default=None, help="folder with <dataset>/<split>.txt|.jsonl (env BITSMITH_DATA_DIR)")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bitsmith", description="Post-training quantization of LLMs.")
+    parser.add_argument("--version", action="version", version=f"bitsmith {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a local Hugging Face model folder")
+    q.add_argument("model", help="local model folder (config.json + safetensors)")
+    q.add_argument("--output", "-o", required=True, help="output folder (refused if it exists, see --overwrite)")
+    q.add_argument("--recipe", default=None, help="JSON recipe file; explicit flags override its values")
+    q.add_argument("--method", choices=["rtn", "gptq"], default=None)
+    q.add_argument("--wbits", type=int, default=None, help="weight bits (16 = leave weights; default 4)")
+    q.add_argument("--abits", type=int, default=None, help="activation bits (default 16 = not quantized)")
+    q.add_argument("--group-size", type=int, default=None, help="weight group size (default: per channel)")
+    q.add_argument("--wformat", default=None, help="int (default), fp4/e2m1, fp6/e3m2, e2m3, fp8/e4m3, e5m2")
+    q.add_argument("--aformat", default=None, help="activation format: int (default), fp8/e4m3, e5m2, …")
+    q.add_argument("--sym", action="store_true", default=None, help="symmetric integer weights")
+    q.add_argument("--scale-constraint", choices=["none", "m1", "m2"], default=None,
+                   help="power-of-two scale constraint for FP weights (ZeroQuant-FP M1/M2)")
+    q.add_argument("--calib", default=None, help="wikitext2, ptb, c4, or a .txt/.jsonl file or split folder")
+    q.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 128)")
+    q.add_argument("--seqlen", type=int, default=None, help="tokens per calibration window (default 2048)")
+    q.add_argument("--seed", type=int, default=None)
+    q.add_argument("--batch-size", type=int, default=None)
+    q.add_argument("--percdamp", type=float, default=None, help="GPTQ dampening (default 0.01)")
+    q.add_argument("--actorder", action="store_true", default=None, help="GPTQ act-order")
+    q.add_argument("--static-groups", action="store_true", default=None, help="GPTQ: group qparams up front")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    q.add_argument("--ppl", default=None, help="after quantizing, evaluate perplexity on these datasets")
+    q.add_argument("--ppl-limit", type=int, default=None, help="evaluate only the first N windows")
+    _add_common(q)
+
+    e = sub.add_parser("eval", help="perplexity of a model folder or a bitsmith output folder")
+    e.add_argument("model")
+    e.add_argument("--ppl", default="wikitext2", help="comma-separated datasets or paths (default wikitext2)")
+    e.add_argument("--seqlen", type=int, default=2048)
+    e.add_argument("--limit", type=int, default=None, help="evaluate only the first N windows")
+    e.add_argument("--batch-size", type=int, default=1)
+    e.add_argument("--json", default=None, help="write the results to this JSON file")
+    _add_common(e)
+    return parser
+
+
+# ---- flags → QuantConfig -----------------------------------------------------------------------------------
+def _spec_from_flags(bits: int | None, fmt_name: str, group: int | None, sym: bool, constraint: str,
+                     activation: bool):
+    from ..formats import PerChannel, PerGroup, PerToken, QuantSpec, make_format
+
+    if bits == 16 and fmt_name == "int":
+        return None
+    fmt = make_format(fmt_name, bits=None if fmt_name != "int" and bits is None else bits,
+                      symmetric=sym if not activation else False)
+    gran = PerToken() if activation else (PerGroup(group) if group else PerChannel())
+    return QuantSpec(fmt, gran, "none" if activation else constraint)
+
+
+def config_from_args(args: argparse.Namespace):
+    """Build the QuantConfig: recipe file values, overridden by flags given on the command line."""
+    from ..config import QuantConfig
+
+    base: dict[str, Any] = QuantConfig.load(args.recipe).to_dict() if args.recipe else {}
+    for key in ("method", "calib", "nsamples", "seqlen", "seed", "batch_size"):
+        if getattr(args, key) is not None:
+            base[key] = getattr(args, key)
+    gptq = dict(base.get("gptq", {}))
+    for key in ("percdamp", "actorder", "static_groups"):
+        if getattr(args, key) is not None:
+            gptq[key] = getattr(args, key)
+    base["gptq"] = gptq
+    weight_flags = (args.wbits, args.wformat, args.group_size, args.sym, args.scale_constraint)
+    if not args.recipe or any(v is not None for v in weight_flags):
+        wfmt = args.wformat or "int"
+        wbits = args.wbits if args.wbits is not None else (4 if wfmt == "int" else None)
+        if args.group_size is not None and args.group_size < 1:
+            raise UsageError(f"--group-size must be a positive integer, got {args.group_size}; omit it for per-channel")
+        spec = _spec_from_flags(wbits, wfmt, args.group_size, bool(args.sym), args.scale_constraint or "none", False)
+        base["weight"] = None if spec is None else spec.to_dict()
+    if not args.recipe or args.abits is not None or args.aformat is not None:
+        afmt = args.aformat or "int"
+        abits = args.abits if args.abits is not None else (16 if afmt == "int" else None)
+        spec = _spec_from_flags(abits, afmt, None, False, "none", True)
+        base["act"] = None if spec is None else spec.to_dict()
+    return QuantConfig.from_dict(base)
+
+
+# ---- commands ------------------------------------------------------------------------------------------
+def _evaluate(model, tokenizer, names: list[str], seqlen: int, limit: int | None, batch_size: int,
+              device, data_dir, progress: bool) -> dict[str, float]:
+    from ..data import eval_token_limit, eval_windows, load_tokens
+    from ..eval.perplexity import model_forward, perplexity
+
+    model.to(device)
+    out = {}
+    for name in names:
+        tokens = load_tokens(name, "test", tokenizer=tokenizer, data_dir=data_dir,
+                             max_tokens=eval_token_limit(name, seqlen))
+        windows = eval_windows(tokens, seqlen, limit)
+        out[name] = perplexity(model_forward(model), windows, batch_size=batch_size, device=device,
+                               progress=progress)
+        log.info("%s perplexity: %.4f (%d windows of %d tokens)", name, out[name], windows.shape[0], seqlen)
+    return out
+
+
+def _check_seqlen(model, seqlen: int) -> None:
+    from ..models import model_context_length
+
+    ctx = model_context_length(model.config)
+    if seqlen > ctx:
+        raise UsageError(f"seqlen {seqlen} is larger than the model's context of {ctx} tokens; use --seqlen ≤ {ctx}")
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..data import calibration_samples
+    from ..export.hf import check_output_dir, save_quantized
+    from ..models import get_architecture, load_model
+    from ..pipeline import quantize_model
+    from ..utils.device import resolve_device
+
+    config = config_from_args(args)
+    check_output_dir(args.output, args.overwrite)
+    device = resolve_device(args.device)
+    model, tokenizer = load_model(args.model)
+    arch = get_architecture(model)
+    _check_seqlen(model, config.seqlen)
+    if config.weight is not None:
+        for name, lin in _block_linears(model, arch):
+            config.weight.validate_for(lin.in_features, name)
+    calib = calibration_samples(config.calib, tokenizer, config.nsamples, config.seqlen, seed=config.seed,
+                                data_dir=args.data_dir)
+    torch.manual_seed(config.seed)
+    result = quantize_model(model, arch, config, calib, device, progress=not args.quiet)
+    report: dict[str, Any] = {
+        "bitsmith_version": __version__, "source_model": str(Path(args.model).resolve()),
+        "label": config.label, "recipe": config.to_dict(), "seconds": round(result.seconds, 3),
+        "blocks": result.blocks,
+    }
+    names = _split(args.ppl)
+    if names:
+        report["ppl"] = _evaluate(model, tokenizer, names, config.seqlen, args.ppl_limit, 1, device,
+                                  args.data_dir, not args.quiet)
+        model.to("cpu")
+    save_quantized(model, tokenizer, args.output, report, overwrite=args.overwrite)
+    _print_summary(config.label, result.blocks, report.get("ppl"), result.seconds)
+    return 0
+
+
+def _block_linears(model, arch):
+    from ..models import find_linears, get_blocks
+
+    for i, block in enumerate(get_blocks(model, arch)):
+        for name, lin in find_linears(block).items():
+            yield f"{arch.layers}.{i}.{name}", lin
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ..export.hf import read_report
+    from ..formats import spec_from_dict
+    from ..models import get_architecture, load_model
+    from ..pipeline import apply_activation_quant
+    from ..utils.device import resolve_device
+
+    if args.seqlen < 2:
+        raise UsageError(f"--seqlen must be at least 2, got {args.seqlen}")
+    names = _split(args.ppl)
+    if not names:
+        raise UsageError("--ppl needs at least one dataset name or path")
+    device = resolve_device(args.device)
+    model, tokenizer = load_model(args.model)
+    _check_seqlen(model, args.seqlen)
+    report = read_report(args.model)
+    if report and report.get("recipe", {}).get("act"):
+        apply_activation_quant(model, get_architecture(model), spec_from_dict(report["recipe"]["act"]))
+    ppl = _evaluate(model, tokenizer, names, args.seqlen, args.limit, args.batch_size, device, args.data_dir,
+                    not args.quiet)
+    body = {"ppl": ppl, "seqlen": args.seqlen, "model": str(args.model)}
+    if args.json:
+        Path(args.json).write_text(json.dumps(body, indent=2) + "\n")
+    for name, v in ppl.items():
+        print(f"{name}\t{v:.4f}")
+    return 0
+
+
+def _split(s: str | None) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()] if s else []
+
+
+def _print_summary(label: str, blocks: list[dict], ppl: dict | None, seconds: float) -> None:
+    print(f"{'block':>5}  {'output MSE':>12}  {'mean weight err':>15}  {'seconds':>8}")
+    for b in blocks:
+        errs = [s["weight_rel_err"] for s in b["layers"].values()]
+        mean = sum(errs) / len(errs) if errs else float("nan")
+        print(f"{b['block']:>5}  {b['output_mse']:>12.4g}  {mean:>15.4g}  {b['seconds']:>8.2f}")
+    print(f"{label}: {len(blocks)} blocks in {seconds:.1f} s")
+    for name, v in (ppl or {}).items():
+        print(f"{name} perplexity: {v:.4f}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from ..utils.logging import setup_logging
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(-1 if args.quiet else args.verbose)
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    try:
+        return {"quantize": cmd_quantize, "eval": cmd_eval}[args.command](args)
+    except (ValueError, FileNotFoundError) as e:  # user errors: one line, exit 2
+        if args.verbose:
+            log.exception("failed")
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"bitsmith: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bitsmith: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

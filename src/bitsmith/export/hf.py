@@ -1,0 +1,65 @@
+"""Save a quantized model as an ordinary Hugging Face folder (dequantized on-grid weights) + ``bitsmith.json``.
+
+Writes go to a temporary sibling folder that is renamed into place at the end, so an interrupted run never
+leaves a half-written output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+REPORT_NAME = "bitsmith.json"
+REPORT_VERSION = 1
+
+
+def check_output_dir(out: str | Path, overwrite: bool) -> Path:
+    """Validate an output folder before any work starts: refuse an existing one unless ``overwrite``."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ValueError(f"output folder {out} already exists; choose another --output or pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output path {out} exists and is not a folder; choose another --output")
+    return out
+
+
+def save_quantized(model: nn.Module, tokenizer: Any, out: str | Path, report: dict[str, Any],
+                   overwrite: bool = False) -> Path:
+    """Write ``model`` (safetensors), its tokenizer (if any) and ``report`` as ``bitsmith.json`` to ``out``."""
+    out = check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        body = {"version": REPORT_VERSION, **report}
+        (tmp / REPORT_NAME).write_text(json.dumps(body, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote %s", out)
+    return out
+
+
+def read_report(folder: str | Path) -> dict[str, Any] | None:
+    """The ``bitsmith.json`` of a quantized folder, or None for an ordinary model folder."""
+    p = Path(folder) / REPORT_NAME
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{p} is corrupt ({e}); re-run bitsmith quantize to recreate it") from None
