@@ -1,0 +1,147 @@
+"""Learnable Equivalent Transformation (OmniQuant, arXiv 2308.13137 Eq. 3): channel-wise scale ``s`` and shift
+``δ`` moved between a producer and its consumers without changing the function (quantization off)::
+
+    Y = X·Wᵀ + B = ((X − δ) ⊘ s)·(s ⊙ W)ᵀ + (B + δ·Wᵀ)
+
+An :class:`Edge` names *sites*: tensors of modules and what the edge does to them.
+
+============  =============================================================  =====================================
+role          weight ``(out, in)`` / 1-D norm weight                          bias
+============  =============================================================  =====================================
+``rows_div``  ``W[rows] / s``  (producer: a norm, v_proj rows, q_proj rows)   ``(b[rows] − δ) / s``
+``rows_mul``  ``W[rows] · s``  (k_proj rows in the Q/K transform)             ``b[rows] · s``
+``cols_mul``  ``W[:, cols] · s`` (consumers reading the producer's output)    ``b + W[:, cols] · δ``
+============  =============================================================  =====================================
+
+``index`` picks the rows/columns a site touches (all when None) and ``map`` says which entry of the edge's
+scale vector each of them uses (identity when None): this is how GQA (one v-row scale serves ``groups`` output-
+projection columns) and RoPE (rotary pairs share one q/k scale) are expressed, as data.
+
+Each site is registered as a :mod:`torch.nn.utils.parametrize` parametrization of the module's tensor. During
+training the Hugging Face module's own forward reads the transformed tensor (differentiable in ``s`` and ``δ``);
+:func:`fold_edges` removes the parametrizations leaving the transformed values in place — the same function
+evaluated once, so folding is exact by construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..formats.ste import ste
+
+ROLES = ("rows_div", "rows_mul", "cols_mul")
+MIN_SCALE = 1e-2  # |s| below this is pushed out to ±1e-2 (straight-through), as in the official code
+
+
+@dataclass
+class Site:
+    """One module tensor an edge transforms. ``index``/``map``: LongTensors (see module docstring)."""
+
+    module: nn.Module
+    role: str
+    index: torch.Tensor | None = None
+    map: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"unknown site role {self.role!r}; use one of {ROLES}")
+
+
+def _truncate(s: torch.Tensor) -> torch.Tensor:
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        sign = torch.where(x < 0, -1.0, 1.0).to(x.dtype)
+        return torch.where(x.abs() < MIN_SCALE, sign * MIN_SCALE, x)
+    return ste(s, fn)
+
+
+class Edge(nn.Module):
+    """A learnable scale (and optional shift) of length ``dim`` applied at ``sites``."""
+
+    def __init__(self, name: str, dim: int, sites: list[Site], shift: bool = False) -> None:
+        super().__init__()
+        self.name = name
+        self.dim = dim
+        self.sites = sites
+        self.scale = nn.Parameter(torch.ones(dim))
+        self.shift = nn.Parameter(torch.zeros(dim)) if shift else None
+        self._registered: list[tuple[nn.Module, str]] = []
+
+    # the parametrizations hold a reference to the edge; keep the sites out of the module tree
+    def effective_scale(self) -> torch.Tensor:
+        return _truncate(self.scale)
+
+    def register(self) -> None:
+        """Attach the parametrizations (column sites before row sites on any one module)."""
+        order = sorted(self.sites, key=lambda s: s.role != "cols_mul")
+        for site in order:
+            mod = site.module
+            parametrize.register_parametrization(mod, "weight", _SiteFn(self, site, "weight"), unsafe=True)
+            self._registered.append((mod, "weight"))
+            if getattr(mod, "bias", None) is not None and (site.role != "cols_mul" or self.shift is not None):
+                parametrize.register_parametrization(mod, "bias", _SiteFn(self, site, "bias"), unsafe=True)
+                self._registered.append((mod, "bias"))
+
+    def extra_repr(self) -> str:
+        return f"{self.name}: dim={self.dim}, sites={len(self.sites)}, shift={self.shift is not None}"
+
+
+@torch.no_grad()
+def fold_edges(edges: list[Edge]) -> None:
+    """Write every transformed tensor into its module and drop all parametrizations of ``edges``.
+
+    All values are evaluated before any parametrization is removed: a bias transform ``b + W·δ`` reads the
+    weight *before* its own transforms, which removing the weight's parametrization first would change.
+    """
+    targets = {(id(m), n): (m, n) for e in edges for m, n in e._registered}.values()
+    values = [(m, n, getattr(m, n).detach().clone()) for m, n in targets if parametrize.is_parametrized(m, n)]
+    for m, n, _ in values:
+        parametrize.remove_parametrizations(m, n, leave_parametrized=False)
+    for m, n, v in values:
+        getattr(m, n).copy_(v)
+    for e in edges:
+        e._registered.clear()
+
+
+def _raw_weight(mod: nn.Module) -> torch.Tensor:
+    """A module's weight before any parametrization (what ``B + δ·Wᵀ`` needs)."""
+    if parametrize.is_parametrized(mod, "weight"):
+        return mod.parametrizations.weight.original
+    return mod.weight
+
+
+class _SiteFn(nn.Module):
+    """Parametrization of one tensor of one site (see the module docstring's table)."""
+
+    def __init__(self, edge: Edge, site: Site, tensor: str) -> None:
+        super().__init__()
+        object.__setattr__(self, "edge", edge)  # not a submodule: avoid cycles in the module tree
+        object.__setattr__(self, "site", site)
+        self.tensor = tensor
+
+    def _vec(self, v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        v = v.to(like.dtype)
+        return v if self.site.map is None else v[self.site.map.to(v.device)]
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        site, edge = self.site, self.edge
+        s = self._vec(edge.effective_scale(), t)
+        d = None if edge.shift is None else self._vec(edge.shift, t)
+        idx = None if site.index is None else site.index.to(t.device)
+        if site.role == "cols_mul":
+            if self.tensor == "bias":
+                w = _raw_weight(site.module)
+                wc = w if idx is None else w[:, idx]
+                return t + wc.to(t.dtype) @ d
+            return t * s if idx is None else t.index_copy(1, idx, t[:, idx] * s)
+        part = t if idx is None else t.index_select(0, idx)
+        if site.role == "rows_mul":
+            new = part * (s if part.dim() == 1 else s[:, None])
+        else:
+            if self.tensor == "bias" and d is not None:
+                part = part - d
+            new = part / (s if part.dim() == 1 else s[:, None])
+        return new if idx is None else t.index_copy(0, idx, new)
