@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from .algorithms.gptq import GPTQConfig
+from .algorithms.omniquant import OmniQuantConfig
 from .formats import QuantSpec, spec_from_dict
 
 CONFIG_VERSION = 1
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "omniquant")
+NESTED = {"gptq": GPTQConfig, "omniquant": OmniQuantConfig}
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class QuantConfig:
     weight: QuantSpec | None = None
     act: QuantSpec | None = None
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    omniquant: OmniQuantConfig = field(default_factory=OmniQuantConfig)
     calib: str = "wikitext2"
     nsamples: int = 128
     seqlen: int = 2048
@@ -67,6 +70,7 @@ class QuantConfig:
             "weight": None if self.weight is None else self.weight.to_dict(),
             "act": None if self.act is None else self.act.to_dict(),
             "gptq": dataclasses.asdict(self.gptq),
+            "omniquant": dataclasses.asdict(self.omniquant),
             "calib": self.calib,
             "nsamples": self.nsamples,
             "seqlen": self.seqlen,
@@ -90,12 +94,9 @@ class QuantConfig:
         for key in ("weight", "act"):
             if d.get(key) is not None:
                 d[key] = _spec(d[key], key)
-        if "gptq" in d:
-            g = d["gptq"]
-            gknown = {f.name for f in dataclasses.fields(GPTQConfig)}
-            if not isinstance(g, dict) or set(g) - gknown:
-                raise ValueError(f"recipe key 'gptq' must be an object with keys from: {', '.join(sorted(gknown))}")
-            d["gptq"] = GPTQConfig(**g)
+        for key, cls_ in NESTED.items():
+            if key in d:
+                d[key] = _nested(cls_, d[key], key)
         _check_types(d)
         return cls(**d)
 
@@ -118,6 +119,21 @@ def _spec(d: Any, key: str) -> QuantSpec:
         return spec_from_dict(d)
     except (KeyError, TypeError) as e:
         raise ValueError(f"recipe key {key!r} is malformed ({e}); see recipes/*.json for the layout") from None
+
+
+def _nested(cls_: type, value: Any, key: str) -> Any:
+    """A nested options object (e.g. ``gptq``) from its JSON object, keys and value types checked."""
+    fields = {f.name: f for f in dataclasses.fields(cls_)}
+    if not isinstance(value, dict) or set(value) - set(fields):
+        raise ValueError(f"recipe key {key!r} must be an object with keys from: {', '.join(sorted(fields))}")
+    for name, v in value.items():
+        default = fields[name].default
+        ok = (isinstance(v, bool) if isinstance(default, bool)
+              else isinstance(v, (int, float)) and not isinstance(v, bool) if isinstance(default, float)
+              else isinstance(v, int) and not isinstance(v, bool) if isinstance(default, int) else True)
+        if not ok:
+            raise ValueError(f"recipe key {key}.{name} must be {type(default).__name__}, got {type(v).__name__}")
+    return cls_(**value)
 
 
 def _check_types(d: dict[str, Any]) -> None:

@@ -15,10 +15,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .algorithms.block import gptq_block, rtn_block
+from .algorithms.omniquant import omniquant_block
 from .config import QuantConfig
 from .formats import QuantizedTensor, QuantSpec
 from .models import Architecture, block_forward, capture_block_inputs, find_linears, get_blocks
+from .models.let import consumer_names, let_edges
 from .nn import QuantLinear, quant_linears, set_quant_state, to_fake
+from .transforms import collect_input_stats
 from .utils.device import empty_cache
 
 log = logging.getLogger(__name__)
@@ -50,25 +53,62 @@ def _outputs(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) -
     return [block_forward(block, h, kw) for h, kw in zip(hidden, kwargs)]
 
 
-def quantize_block(block: nn.Module, config: QuantConfig, hidden: list[torch.Tensor],
-                   kwargs: list[dict]) -> tuple[dict[str, dict], list[torch.Tensor], float]:
-    """Quantize the linears of one block in place; returns (per-layer stats, quantized outputs, block MSE).
+def quantize_block(block: nn.Module, config: QuantConfig, hidden: list[torch.Tensor], kwargs: list[dict],
+                   fp_hidden: list[torch.Tensor] | None = None, arch: Architecture | None = None,
+                   model_config=None, name: str = "block") -> tuple[dict, list[torch.Tensor], list[torch.Tensor]]:
+    """Quantize the linears of one block in place.
 
-    ``hidden``: the block's inputs, one ``(b, T, H)`` tensor per batch, from the quantized prefix.
+    ``hidden``: the block's inputs, one ``(b, T, H)`` tensor per batch, from the quantized prefix;
+    ``fp_hidden``: the full-precision model's inputs to this block (OmniQuant's targets), when tracked.
+    Returns (block statistics with ``"layers"``, quantized outputs, full-precision outputs).
     """
     names = list(find_linears(block))
-    qlinears = to_fake(block, names, _spec_fn(config))
+    use_lwc = config.method == "omniquant" and config.omniquant.lwc and config.weight is not None
+    qlinears = to_fake(block, names, _spec_fn(config), lwc=use_lwc)
     set_quant_state(block, weight=False, act=False)
-    fp_out = _outputs(block, hidden, kwargs)
-    if config.weight is None:
-        stats: dict[str, dict] = {}
-    elif config.method == "gptq":
-        stats = gptq_block(block, qlinears, hidden, kwargs, lambda h, kw: block_forward(block, h, kw), config.gptq)
+    forward = lambda h, kw: block_forward(block, h, kw)  # noqa: E731
+    if config.method == "omniquant":
+        stats, fp_out = _omniquant(block, config, qlinears, hidden, kwargs, fp_hidden, arch, model_config, name)
     else:
-        stats = rtn_block(qlinears)
+        fp_out = _outputs(block, hidden, kwargs)
+        if config.weight is None:
+            stats = {"layers": {}}
+        elif config.method == "gptq":
+            stats = {"layers": gptq_block(block, qlinears, hidden, kwargs, forward, config.gptq)}
+        else:
+            stats = {"layers": rtn_block(qlinears)}
     set_quant_state(block, weight=True, act=config.act is not None)
     q_out = _outputs(block, hidden, kwargs)
-    return stats, q_out, _mse(q_out, fp_out)
+    stats["output_mse"] = _mse(q_out, fp_out)
+    return stats, q_out, fp_out
+
+
+def _omniquant(block, config, qlinears, hidden, kwargs, fp_hidden, arch, model_config, name):
+    """OmniQuant on one block: fp targets (and LET statistics) from the full-precision chain, then training."""
+    cfg = config.omniquant
+    edges = []
+    consumers = {}
+    if cfg.let:
+        edges = let_edges(block, arch, model_config, shift=config.act is not None, qk=cfg.let_qk,
+                          up_down=cfg.let_up_down)
+        for e in edges:
+            cname = consumer_names(arch, e.name)
+            if cname is not None:
+                consumers[e.name] = block.get_submodule(cname)
+        device = hidden[0].device
+        for e in edges:
+            e.to(device)
+    with collect_input_stats(consumers) as edge_stats:
+        fp_out = _outputs(block, fp_hidden if fp_hidden is not None else hidden, kwargs)
+    targets = [[t] for t in fp_out]
+    if cfg.aug_loss:
+        for t, extra in zip(targets, _outputs(block, hidden, kwargs)):
+            t.append(extra)
+    block.requires_grad_(False)
+    set_quant_state(block, weight=config.weight is not None, act=config.act is not None)
+    forward = lambda h, kw: block_forward(block, h, kw)  # noqa: E731
+    stats = omniquant_block(name, qlinears, edges, edge_stats, hidden, targets, kwargs, forward, cfg)
+    return stats, fp_out
 
 
 def finalize_block(block: nn.Module, prefix: str) -> dict[str, QuantizedTensor]:
@@ -96,6 +136,7 @@ def quantize_model(model: nn.Module, arch: Architecture, config: QuantConfig, ca
     start = time.perf_counter()
     inputs = capture_block_inputs(model, arch, calib, device, batch_size=config.batch_size)
     hidden = inputs.hidden
+    fp_hidden = list(hidden) if config.method == "omniquant" else None  # OmniQuant trains toward the fp model
     result = QuantResult()
     blocks = get_blocks(model, arch)
     bar = tqdm(list(enumerate(blocks)), desc=f"{config.method} {config.label}", disable=not progress, unit="block")
@@ -103,13 +144,16 @@ def quantize_model(model: nn.Module, arch: Architecture, config: QuantConfig, ca
         t0 = time.perf_counter()
         home = next(block.parameters()).device
         block.to(device)
-        stats, hidden, mse = quantize_block(block, config, hidden, inputs.block_kwargs(i))
+        stats, hidden, fp_out = quantize_block(block, config, hidden, inputs.block_kwargs(i), fp_hidden, arch,
+                                               model.config, name=f"block {i}")
+        if fp_hidden is not None:
+            fp_hidden = fp_out
         result.frozen.update(finalize_block(block, f"{arch.layers}.{i}"))
         block.to(home)
         empty_cache(device)
-        result.blocks.append({"block": i, "output_mse": mse, "seconds": time.perf_counter() - t0, "layers": stats})
-        bar.set_postfix(mse=f"{mse:.3g}")
-        log.debug("block %d: output MSE %.4g", i, mse)
+        result.blocks.append({"block": i, **stats, "seconds": time.perf_counter() - t0})
+        bar.set_postfix(mse=f"{stats['output_mse']:.3g}")
+        log.debug("block %d: output MSE %.4g", i, stats["output_mse"])
     result.seconds = time.perf_counter() - start
     return result
 

@@ -145,3 +145,37 @@ class _SiteFn(nn.Module):
                 part = part - d
             new = part / (s if part.dim() == 1 else s[:, None])
         return new if idx is None else t.index_copy(0, idx, new)
+
+
+def smooth_scale(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant (Xiao et al., arXiv 2211.10438 Eq. 4): ``s_j = max|X_j|^α / max|W_:,j|^(1−α)``, ≥ 1e-5."""
+    s = act_absmax.float().clamp(min=1e-5).pow(alpha) / w_absmax.float().clamp(min=1e-5).pow(1 - alpha)
+    return s.clamp(min=1e-5)
+
+
+def _reduce_to_scale(v: torch.Tensor, site: Site, dim: int) -> torch.Tensor:
+    """Per-column values of a consumer site → per scale entry (max over the columns that share an entry)."""
+    if site.index is not None:
+        v = v[site.index.to(v.device)]
+    if site.map is None:
+        return v
+    out = torch.zeros(dim, dtype=v.dtype, device=v.device)
+    return out.scatter_reduce(0, site.map.to(v.device), v, reduce="amax", include_self=False)
+
+
+@torch.no_grad()
+def init_edge(edge: Edge, act_absmax: torch.Tensor | None, alpha: float,
+              act_mid: torch.Tensor | None = None) -> None:
+    """Initialise ``edge`` SmoothQuant-style from its consumers' input absmax ``(C,)`` (OmniQuant §3.3 init);
+    shifts from the channel midpoints ``act_mid`` (OS+). Edges without statistics (Q/K) start at 1."""
+    consumers = [s for s in edge.sites if s.role == "cols_mul"]
+    if act_absmax is None or not consumers:
+        edge.scale.fill_(1.0)
+        return
+    w_absmax = torch.stack([
+        _reduce_to_scale(_raw_weight(s.module).detach().abs().amax(dim=0).float(), s, edge.dim) for s in consumers
+    ]).amax(dim=0)
+    act = _reduce_to_scale(act_absmax.to(w_absmax.device).float(), consumers[0], edge.dim)
+    edge.scale.copy_(smooth_scale(act, w_absmax, alpha))
+    if edge.shift is not None and act_mid is not None:
+        edge.shift.copy_(_reduce_to_scale(act_mid.to(w_absmax.device).float(), consumers[0], edge.dim))
