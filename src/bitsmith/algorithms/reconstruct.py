@@ -79,7 +79,7 @@ def train_block(forward: BlockForward, groups: list[ParamGroup], q_inputs: list[
             opt.zero_grad(set_to_none=True)
             loss = _loss(forward, h, kw, tgt)
             if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"loss {float(loss)} in epoch {epoch}")
+                raise NonFiniteLoss(f"loss {float(loss.detach())} in epoch {epoch}")
             loss.backward()
             opt.step()
             total += float(loss.detach())
