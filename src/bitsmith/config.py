@@ -14,11 +14,12 @@ from typing import Any
 
 from .algorithms.gptq import GPTQConfig
 from .algorithms.omniquant import OmniQuantConfig
+from .algorithms.smoothquant import SmoothQuantConfig
 from .formats import QuantSpec, spec_from_dict
 
 CONFIG_VERSION = 1
-METHODS = ("rtn", "gptq", "omniquant")
-NESTED = {"gptq": GPTQConfig, "omniquant": OmniQuantConfig}
+METHODS = ("rtn", "gptq", "omniquant", "smoothquant")
+NESTED = {"gptq": GPTQConfig, "omniquant": OmniQuantConfig, "smoothquant": SmoothQuantConfig}
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,8 @@ class QuantConfig:
 
     ``weight``/``act``: specs for linear weights and inputs (None: left in full precision).
     ``method``: weight algorithm. Calibration: ``nsamples`` windows of ``seqlen`` tokens from ``calib``.
+    ``lorc_rank``/``lorc_bits``: LoRC low-rank error compensation after the weight algorithm (ZeroQuant-V2/FP;
+    rank 0 = off; ``lorc_bits`` None = fp16 factors, 2–8 = symmetric integer factors, e.g. 8).
     """
 
     method: str = "rtn"
@@ -34,11 +37,14 @@ class QuantConfig:
     act: QuantSpec | None = None
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
     omniquant: OmniQuantConfig = field(default_factory=OmniQuantConfig)
+    smoothquant: SmoothQuantConfig = field(default_factory=SmoothQuantConfig)
     calib: str = "wikitext2"
     nsamples: int = 128
     seqlen: int = 2048
     seed: int = 0
     batch_size: int = 1
+    lorc_rank: int = 0
+    lorc_bits: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -51,6 +57,7 @@ class QuantConfig:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if self.nsamples % self.batch_size:
             raise ValueError(f"nsamples ({self.nsamples}) must be a multiple of batch_size ({self.batch_size})")
+        _check_lorc(self)
 
     @property
     def label(self) -> str:
@@ -61,7 +68,8 @@ class QuantConfig:
             s = f"{prefix}{spec.format.bits}"
             return s + (f"({spec.format.name})" if spec.format.is_float else "")
         g = getattr(self.weight.granularity, "group_size", None) if self.weight else None
-        return part("W", self.weight) + part("A", self.act) + (f"g{g}" if g else "")
+        lorc = f"+lorc{self.lorc_rank}" + (f"(int{self.lorc_bits})" if self.lorc_bits else "") if self.lorc_rank else ""
+        return part("W", self.weight) + part("A", self.act) + (f"g{g}" if g else "") + lorc
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -71,11 +79,14 @@ class QuantConfig:
             "act": None if self.act is None else self.act.to_dict(),
             "gptq": dataclasses.asdict(self.gptq),
             "omniquant": dataclasses.asdict(self.omniquant),
+            "smoothquant": dataclasses.asdict(self.smoothquant),
             "calib": self.calib,
             "nsamples": self.nsamples,
             "seqlen": self.seqlen,
             "seed": self.seed,
             "batch_size": self.batch_size,
+            "lorc_rank": self.lorc_rank,
+            "lorc_bits": self.lorc_bits,
         }
 
     @classmethod
@@ -138,6 +149,24 @@ def _nested(cls_: type, value: Any, key: str) -> Any:
 
 def _check_types(d: dict[str, Any]) -> None:
     types = {"method": str, "calib": str, "nsamples": int, "seqlen": int, "seed": int, "batch_size": int}
+    types["lorc_rank"] = int
     for key, typ in types.items():
         if key in d and (not isinstance(d[key], typ) or isinstance(d[key], bool)):
             raise ValueError(f"recipe key {key!r} must be {typ.__name__}, got {type(d[key]).__name__}")
+    bits = d.get("lorc_bits")
+    if bits is not None and (not isinstance(bits, int) or isinstance(bits, bool)):
+        raise ValueError(f"recipe key 'lorc_bits' must be int or null, got {type(bits).__name__}")
+
+
+def _check_lorc(c: QuantConfig) -> None:
+    """LoRC settings: a non-negative rank, factor bits 2–8 or None, and quantized weights to compensate."""
+    r, bits = c.lorc_rank, c.lorc_bits
+    if not isinstance(r, int) or isinstance(r, bool) or r < 0:
+        raise ValueError(f"lorc_rank must be a non-negative integer (0 = no LoRC), got {r!r}")
+    if bits is not None and (not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8):
+        raise ValueError(f"lorc_bits must be 2–8 (8 = INT8 factors) or unset for fp16 factors, got {bits!r}")
+    if bits is not None and r == 0:
+        raise ValueError("LoRC factor bits are set but the LoRC rank is 0; pass --lorc-rank R > 0 or drop --lorc-bits")
+    if r and c.weight is None:
+        raise ValueError(f"LoRC (rank {r}) compensates weight quantization error; it needs quantized weights "
+                         "(weight bits below 16)")

@@ -15,7 +15,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .algorithms.block import gptq_block, rtn_block
+from .algorithms.lorc import LoRCFactors, collect_factors, lorc_block
 from .algorithms.omniquant import omniquant_block
+from .algorithms.smoothquant import smoothquant_block
 from .config import QuantConfig
 from .formats import QuantizedTensor, QuantSpec
 from .models import Architecture, block_forward, capture_block_inputs, find_linears, get_blocks
@@ -29,9 +31,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class QuantResult:
-    """Frozen weights by qualified module name, and per-block/per-layer statistics."""
+    """Frozen weights by qualified module name, and per-block/per-layer statistics. With LoRC, ``lorc`` holds each
+    layer's low-rank factors (the saved model weight is then ``frozen[name]`` dequantized + A·B)."""
 
     frozen: dict[str, QuantizedTensor] = field(default_factory=dict)
+    lorc: dict[str, LoRCFactors] = field(default_factory=dict)
     blocks: list[dict] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -69,6 +73,11 @@ def quantize_block(block: nn.Module, config: QuantConfig, hidden: list[torch.Ten
     forward = lambda h, kw: block_forward(block, h, kw)  # noqa: E731
     if config.method == "omniquant":
         stats, fp_out = _omniquant(block, config, qlinears, hidden, kwargs, fp_hidden, arch, model_config, name)
+    elif config.method == "smoothquant":
+        edges, consumers = _edges(block, arch, model_config, hidden[0].device, shift=False, qk=False, vo=False)
+        with collect_input_stats(consumers) as edge_stats:
+            fp_out = _outputs(block, hidden, kwargs)
+        stats = smoothquant_block(qlinears, edges, edge_stats, config.smoothquant)
     else:
         fp_out = _outputs(block, hidden, kwargs)
         if config.weight is None:
@@ -77,27 +86,33 @@ def quantize_block(block: nn.Module, config: QuantConfig, hidden: list[torch.Ten
             stats = {"layers": gptq_block(block, qlinears, hidden, kwargs, forward, config.gptq)}
         else:
             stats = {"layers": rtn_block(qlinears)}
+    for lname, s in lorc_block(qlinears, config.lorc_rank, config.lorc_bits).items():  # LoRC after any algorithm
+        stats.setdefault("layers", {}).setdefault(lname, {}).update(s)
     set_quant_state(block, weight=True, act=config.act is not None)
     q_out = _outputs(block, hidden, kwargs)
     stats["output_mse"] = _mse(q_out, fp_out)
     return stats, q_out, fp_out
 
 
+def _edges(block, arch, model_config, device, **kw):
+    """Equivalence edges of ``block`` (on ``device``) and, per edge, the linear whose input initialises it."""
+    edges = let_edges(block, arch, model_config, **kw)
+    consumers = {}
+    for e in edges:
+        e.to(device)
+        cname = consumer_names(arch, e.name)
+        if cname is not None:
+            consumers[e.name] = block.get_submodule(cname)
+    return edges, consumers
+
+
 def _omniquant(block, config, qlinears, hidden, kwargs, fp_hidden, arch, model_config, name):
     """OmniQuant on one block: fp targets (and LET statistics) from the full-precision chain, then training."""
     cfg = config.omniquant
-    edges = []
-    consumers = {}
+    edges, consumers = [], {}
     if cfg.let:
-        edges = let_edges(block, arch, model_config, shift=config.act is not None, qk=cfg.let_qk,
-                          up_down=cfg.let_up_down)
-        for e in edges:
-            cname = consumer_names(arch, e.name)
-            if cname is not None:
-                consumers[e.name] = block.get_submodule(cname)
-        device = hidden[0].device
-        for e in edges:
-            e.to(device)
+        edges, consumers = _edges(block, arch, model_config, hidden[0].device, shift=config.act is not None,
+                                  qk=cfg.let_qk, up_down=cfg.let_up_down)
     with collect_input_stats(consumers) as edge_stats:
         fp_out = _outputs(block, fp_hidden if fp_hidden is not None else hidden, kwargs)
     targets = [[t] for t in fp_out]
@@ -148,6 +163,7 @@ def quantize_model(model: nn.Module, arch: Architecture, config: QuantConfig, ca
                                                model.config, name=f"block {i}")
         if fp_hidden is not None:
             fp_hidden = fp_out
+        result.lorc.update(collect_factors(block, f"{arch.layers}.{i}"))
         result.frozen.update(finalize_block(block, f"{arch.layers}.{i}"))
         block.to(home)
         empty_cache(device)

@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="local model folder (config.json + safetensors)")
     q.add_argument("--output", "-o", required=True, help="output folder (refused if it exists, see --overwrite)")
     q.add_argument("--recipe", default=None, help="JSON recipe file; explicit flags override its values")
-    q.add_argument("--method", choices=["rtn", "gptq", "omniquant"], default=None)
+    q.add_argument("--method", choices=["rtn", "gptq", "omniquant", "smoothquant"], default=None)
     q.add_argument("--wbits", type=int, default=None, help="weight bits (16 = leave weights; default 4)")
     q.add_argument("--abits", type=int, default=None, help="activation bits (default 16 = not quantized)")
     q.add_argument("--group-size", type=int, default=None, help="weight group size (default: per channel)")
@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--percdamp", type=float, default=None, help="GPTQ dampening (default 0.01)")
     q.add_argument("--actorder", action="store_true", default=None, help="GPTQ act-order")
     q.add_argument("--static-groups", action="store_true", default=None, help="GPTQ: group qparams up front")
+    q.add_argument("--lorc-rank", type=int, default=None,
+                   help="LoRC low-rank error compensation after the weight algorithm: rank (default 0 = off)")
+    q.add_argument("--lorc-bits", type=int, default=None, help="LoRC factor bits: 8 = INT8, 16 = fp16 (default)")
     o = q.add_argument_group("OmniQuant (defaults: the official code's)")
     o.add_argument("--lwc", action=argparse.BooleanOptionalAction, default=None, help="learnable weight clipping")
     o.add_argument("--let", action=argparse.BooleanOptionalAction, default=None,
@@ -65,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--let-lr", type=float, default=None, help="LET learning rate (default 5e-3)")
     o.add_argument("--wd", type=float, default=None, help="AdamW weight decay (default 0)")
     o.add_argument("--aug-loss", action="store_true", default=None, help="add the fp-block-on-quantized-input target")
-    o.add_argument("--alpha", type=float, default=None, help="SmoothQuant migration strength for LET init (0.5)")
+    o.add_argument("--alpha", type=float, default=None,
+                   help="SmoothQuant migration strength (LET init for omniquant; the method for smoothquant; 0.5)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     q.add_argument("--ppl", default=None, help="after quantizing, evaluate perplexity on these datasets")
     q.add_argument("--ppl-limit", type=int, default=None, help="evaluate only the first N windows")
@@ -108,12 +112,20 @@ def config_from_args(args: argparse.Namespace):
         if getattr(args, key) is not None:
             gptq[key] = getattr(args, key)
     base["gptq"] = gptq
+    if args.lorc_rank is not None:
+        base["lorc_rank"] = args.lorc_rank
+        if args.lorc_rank == 0 and args.lorc_bits is None:
+            base["lorc_bits"] = None
+    if args.lorc_bits is not None:
+        base["lorc_bits"] = None if args.lorc_bits == 16 else args.lorc_bits
     omni = dict(base.get("omniquant", {}))
     for flag, key in (("lwc", "lwc"), ("let", "let"), ("epochs", "epochs"), ("lwc_lr", "lwc_lr"),
                       ("let_lr", "let_lr"), ("wd", "weight_decay"), ("aug_loss", "aug_loss"), ("alpha", "alpha")):
         if getattr(args, flag) is not None:
             omni[key] = getattr(args, flag)
     base["omniquant"] = omni
+    if args.alpha is not None:
+        base["smoothquant"] = {**base.get("smoothquant", {}), "alpha": args.alpha}
     weight_flags = (args.wbits, args.wformat, args.group_size, args.sym, args.scale_constraint)
     if not args.recipe or any(v is not None for v in weight_flags):
         wfmt = args.wformat or "int"
@@ -174,6 +186,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if config.weight is not None:
         for name, lin in _block_linears(model, arch):
             config.weight.validate_for(lin.in_features, name)
+    if config.lorc_rank:
+        from ..algorithms.lorc import check_rank
+
+        for name, lin in _block_linears(model, arch):
+            check_rank(config.lorc_rank, lin.out_features, lin.in_features, name)
     calib = calibration_samples(config.calib, tokenizer, config.nsamples, config.seqlen, seed=config.seed,
                                 data_dir=args.data_dir)
     torch.manual_seed(config.seed)
