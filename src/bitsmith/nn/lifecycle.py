@@ -10,6 +10,7 @@ from torch import nn
 from ..formats import QuantSpec
 from .linear import QuantLinear
 from .packed import PackedLinear
+from .quantizer import ActQuantizer
 
 SpecFn = Callable[[str, nn.Linear], "tuple[QuantSpec | None, QuantSpec | None]"]
 
@@ -50,7 +51,7 @@ def to_fake(root: nn.Module, names: list[str], spec_fn: SpecFn, lwc: bool = Fals
 
 
 def set_quant_state(root: nn.Module, weight: bool, act: bool) -> None:
-    """Turn weight fake-quantization (``fake`` vs ``float``) and activation quantization on or off.
+    """Turn weight fake-quantization (``fake`` vs ``float``) and activation (incl. KV) quantization on or off.
 
     Frozen layers stay frozen when ``weight`` is True and compute with the float weight when False.
     """
@@ -62,7 +63,9 @@ def set_quant_state(root: nn.Module, weight: bool, act: bool) -> None:
                 q.state = "frozen"
             else:
                 q.state = "fake"
-        q.set_act_quant(act)
+    for m in root.modules():  # input quantizers of QuantLinears and free-standing ones (e.g. KV cache)
+        if isinstance(m, ActQuantizer):
+            m.enabled = act
 
 
 @torch.no_grad()
