@@ -26,7 +26,8 @@ NESTED = {"gptq": GPTQConfig, "omniquant": OmniQuantConfig, "smoothquant": Smoot
 class QuantConfig:
     """What to quantize and how.
 
-    ``weight``/``act``: specs for linear weights and inputs (None: left in full precision).
+    ``weight``/``act``: specs for linear weights and inputs; ``kv``: keys and values after RoPE, per token and
+    head (None: left in full precision).
     ``method``: weight algorithm. Calibration: ``nsamples`` windows of ``seqlen`` tokens from ``calib``.
     ``lorc_rank``/``lorc_bits``: LoRC low-rank error compensation after the weight algorithm (ZeroQuant-V2/FP;
     rank 0 = off; ``lorc_bits`` None = fp16 factors, 2–8 = symmetric integer factors, e.g. 8).
@@ -35,6 +36,7 @@ class QuantConfig:
     method: str = "rtn"
     weight: QuantSpec | None = None
     act: QuantSpec | None = None
+    kv: QuantSpec | None = None
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
     omniquant: OmniQuantConfig = field(default_factory=OmniQuantConfig)
     smoothquant: SmoothQuantConfig = field(default_factory=SmoothQuantConfig)
@@ -49,8 +51,8 @@ class QuantConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; use one of: {', '.join(METHODS)}")
-        if self.weight is None and self.act is None:
-            raise ValueError("nothing to quantize: set weight bits below 16 and/or activation bits below 16")
+        if self.weight is None and self.act is None and self.kv is None:
+            raise ValueError("nothing to quantize: set weight, activation or KV-cache bits below 16")
         for name in ("nsamples", "seqlen", "batch_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -69,7 +71,8 @@ class QuantConfig:
             return s + (f"({spec.format.name})" if spec.format.is_float else "")
         g = getattr(self.weight.granularity, "group_size", None) if self.weight else None
         lorc = f"+lorc{self.lorc_rank}" + (f"(int{self.lorc_bits})" if self.lorc_bits else "") if self.lorc_rank else ""
-        return part("W", self.weight) + part("A", self.act) + (f"g{g}" if g else "") + lorc
+        kv = "" if self.kv is None else part("KV", self.kv)
+        return part("W", self.weight) + part("A", self.act) + kv + (f"g{g}" if g else "") + lorc
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -77,6 +80,7 @@ class QuantConfig:
             "method": self.method,
             "weight": None if self.weight is None else self.weight.to_dict(),
             "act": None if self.act is None else self.act.to_dict(),
+            "kv": None if self.kv is None else self.kv.to_dict(),
             "gptq": dataclasses.asdict(self.gptq),
             "omniquant": dataclasses.asdict(self.omniquant),
             "smoothquant": dataclasses.asdict(self.smoothquant),
@@ -102,7 +106,7 @@ class QuantConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown recipe key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
-        for key in ("weight", "act"):
+        for key in ("weight", "act", "kv"):
             if d.get(key) is not None:
                 d[key] = _spec(d[key], key)
         for key, cls_ in NESTED.items():

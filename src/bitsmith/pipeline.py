@@ -18,9 +18,11 @@ from .algorithms.block import gptq_block, rtn_block
 from .algorithms.lorc import LoRCFactors, collect_factors, lorc_block
 from .algorithms.omniquant import omniquant_block
 from .algorithms.smoothquant import smoothquant_block
+from .checkpoint import Checkpoint
 from .config import QuantConfig
 from .formats import QuantizedTensor, QuantSpec
 from .models import Architecture, block_forward, capture_block_inputs, find_linears, get_blocks
+from .models.kvcache import enable_kv_quant
 from .models.let import consumer_names, let_edges
 from .nn import QuantLinear, quant_linears, set_quant_state, to_fake
 from .transforms import collect_input_stats
@@ -88,10 +90,15 @@ def quantize_block(block: nn.Module, config: QuantConfig, hidden: list[torch.Ten
             stats = {"layers": rtn_block(qlinears)}
     for lname, s in lorc_block(qlinears, config.lorc_rank, config.lorc_bits).items():  # LoRC after any algorithm
         stats.setdefault("layers", {}).setdefault(lname, {}).update(s)
-    set_quant_state(block, weight=True, act=config.act is not None)
+    set_quant_state(block, weight=True, act=_any_act(config))
     q_out = _outputs(block, hidden, kwargs)
     stats["output_mse"] = _mse(q_out, fp_out)
     return stats, q_out, fp_out
+
+
+def _any_act(config: QuantConfig) -> bool:
+    """Whether any activation-side quantizer (linear inputs or KV cache) is on."""
+    return config.act is not None or config.kv is not None
 
 
 def _edges(block, arch, model_config, device, **kw):
@@ -120,7 +127,7 @@ def _omniquant(block, config, qlinears, hidden, kwargs, fp_hidden, arch, model_c
         for t, extra in zip(targets, _outputs(block, hidden, kwargs)):
             t.append(extra)
     block.requires_grad_(False)
-    set_quant_state(block, weight=config.weight is not None, act=config.act is not None)
+    set_quant_state(block, weight=config.weight is not None, act=_any_act(config))
     forward = lambda h, kw: block_forward(block, h, kw)  # noqa: E731
     stats = omniquant_block(name, qlinears, edges, edge_stats, hidden, targets, kwargs, forward, cfg)
     return stats, fp_out
@@ -146,9 +153,21 @@ def finalize_block(block: nn.Module, prefix: str) -> dict[str, QuantizedTensor]:
 
 
 def quantize_model(model: nn.Module, arch: Architecture, config: QuantConfig, calib: torch.Tensor,
-                   device: torch.device, progress: bool = True) -> QuantResult:
-    """Quantize ``model`` in place. ``calib``: calibration token ids ``(nsamples, seqlen)``."""
+                   device: torch.device, progress: bool = True, checkpoint: Checkpoint | None = None
+                   ) -> QuantResult:
+    """Quantize ``model`` in place. ``calib``: calibration token ids ``(nsamples, seqlen)``.
+
+    With ``checkpoint``, every finished block is recorded there and blocks it already holds are restored
+    instead of recomputed (their outputs are recomputed to feed the next block), so a killed run resumes.
+    """
     start = time.perf_counter()
+    done = checkpoint.blocks_done() if checkpoint is not None else 0
+    if checkpoint is not None and done == 0:
+        checkpoint.reset()
+    elif done:
+        log.warning("resuming: %d finished blocks restored from %s", done, checkpoint.folder)
+    if config.kv is not None:  # before capture: the attention masks depend on the attention implementation
+        enable_kv_quant(model, arch, config.kv)
     inputs = capture_block_inputs(model, arch, calib, device, batch_size=config.batch_size)
     hidden = inputs.hidden
     fp_hidden = list(hidden) if config.method == "omniquant" else None  # OmniQuant trains toward the fp model
@@ -159,12 +178,21 @@ def quantize_model(model: nn.Module, arch: Architecture, config: QuantConfig, ca
         t0 = time.perf_counter()
         home = next(block.parameters()).device
         block.to(device)
-        stats, hidden, fp_out = quantize_block(block, config, hidden, inputs.block_kwargs(i), fp_hidden, arch,
-                                               model.config, name=f"block {i}")
+        prefix = f"{arch.layers}.{i}"
+        if i < done:
+            stats, hidden, fp_out = _restore_block(block, config, checkpoint, i, hidden, inputs.block_kwargs(i),
+                                                   fp_hidden, result)
+        else:
+            stats, hidden, fp_out = quantize_block(block, config, hidden, inputs.block_kwargs(i), fp_hidden, arch,
+                                                   model.config, name=f"block {i}")
+            lorc = collect_factors(block, prefix)
+            frozen = finalize_block(block, prefix)
+            result.lorc.update(lorc)
+            result.frozen.update(frozen)
+            if checkpoint is not None:
+                checkpoint.save_block(i, block.state_dict(), frozen, lorc, stats)
         if fp_hidden is not None:
             fp_hidden = fp_out
-        result.lorc.update(collect_factors(block, f"{arch.layers}.{i}"))
-        result.frozen.update(finalize_block(block, f"{arch.layers}.{i}"))
         block.to(home)
         empty_cache(device)
         result.blocks.append({"block": i, **stats, "seconds": time.perf_counter() - t0})
@@ -172,6 +200,22 @@ def quantize_model(model: nn.Module, arch: Architecture, config: QuantConfig, ca
         log.debug("block %d: output MSE %.4g", i, stats["output_mse"])
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _restore_block(block: nn.Module, config: QuantConfig, checkpoint: Checkpoint, index: int,
+                   hidden: list[torch.Tensor], kwargs: list[dict], fp_hidden: list[torch.Tensor] | None,
+                   result: QuantResult) -> tuple[dict, list[torch.Tensor], list[torch.Tensor] | None]:
+    """Load a finished block from ``checkpoint`` into ``block`` (still full precision) and recompute its
+    outputs: the full-precision chain first (when tracked), then the quantized one."""
+    fp_out = _outputs(block, fp_hidden, kwargs) if fp_hidden is not None else None
+    state, frozen, lorc, stats = checkpoint.load_block(index)
+    if config.act is not None:
+        to_fake(block, list(find_linears(block)), lambda name, lin: (None, config.act))
+    block.load_state_dict(state, strict=True)
+    set_quant_state(block, weight=True, act=_any_act(config))
+    result.frozen.update(frozen)
+    result.lorc.update({n: LoRCFactors(a, b) for n, (a, b) in lorc.items()})
+    return stats, _outputs(block, hidden, kwargs), fp_out
 
 
 def apply_activation_quant(model: nn.Module, arch: Architecture, act: QuantSpec) -> int:

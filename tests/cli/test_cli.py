@@ -80,6 +80,20 @@ def test_weight_activation_output_reapplies_act_quant_on_eval(aidreams, samples,
     assert json.loads(ev.read_text())["ppl"][samples] < report["ppl"][samples]
 
 
+def test_kv_cache_only_quantization_round_trip(aidreams, samples, tmp_path):
+    out = tmp_path / "kv"
+    assert main(["quantize", aidreams, "--wbits", "16", "--kvbits", "4", "--calib", samples, "--nsamples", "4",
+                 "--seqlen", "128", "--ppl", samples, "--ppl-limit", "10", "-o", str(out), "-q"]) == 0
+    report = json.loads((out / "bitsmith.json").read_text())
+    assert report["label"] == "W16A16KV4" and report["recipe"]["weight"] is None
+    assert "bitsmith_kv" not in (out / "config.json").read_text()  # the saved model is a plain HF folder
+    ev = tmp_path / "e.json"
+    main(["eval", str(out), "--ppl", samples, "--seqlen", "128", "--limit", "10", "--json", str(ev), "-q"])
+    ppl = json.loads(ev.read_text())["ppl"][samples]
+    assert ppl == pytest.approx(report["ppl"][samples], rel=1e-6)
+    assert 6.3 < ppl < 7.0  # fp32 6.35 on these windows: KV4 costs a little
+
+
 def test_pretokenized_model_without_tokenizer(tmp_path):
     model = str(shared_path("models", "stories260K"))
     data = str(shared_path("data", "stories260K-samples"))

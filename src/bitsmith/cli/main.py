@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--group-size", type=int, default=None, help="weight group size (default: per channel)")
     q.add_argument("--wformat", default=None, help="int (default), fp4/e2m1, fp6/e3m2, e2m3, fp8/e4m3, e5m2")
     q.add_argument("--aformat", default=None, help="activation format: int (default), fp8/e4m3, e5m2, …")
+    q.add_argument("--kvbits", type=int, default=None, help="KV-cache bits, per token and head (default 16 = off)")
+    q.add_argument("--kvformat", default=None, help="KV-cache format: int (default), fp8/e4m3, …")
     q.add_argument("--sym", action="store_true", default=None, help="symmetric integer weights")
     q.add_argument("--scale-constraint", choices=["none", "m1", "m2"], default=None,
                    help="power-of-two scale constraint for FP weights (ZeroQuant-FP M1/M2)")
@@ -71,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--alpha", type=float, default=None,
                    help="SmoothQuant migration strength (LET init for omniquant; the method for smoothquant; 0.5)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    q.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from OUTPUT.partial (same settings and data)")
     q.add_argument("--ppl", default=None, help="after quantizing, evaluate perplexity on these datasets")
     q.add_argument("--ppl-limit", type=int, default=None, help="evaluate only the first N windows")
     _add_common(q)
@@ -139,6 +143,11 @@ def config_from_args(args: argparse.Namespace):
         abits = args.abits if args.abits is not None else (16 if afmt == "int" else None)
         spec = _spec_from_flags(abits, afmt, None, False, "none", True)
         base["act"] = None if spec is None else spec.to_dict()
+    if not args.recipe or args.kvbits is not None or args.kvformat is not None:
+        kfmt = args.kvformat or "int"
+        kbits = args.kvbits if args.kvbits is not None else (16 if kfmt == "int" else None)
+        spec = _spec_from_flags(kbits, kfmt, None, False, "none", True)
+        base["kv"] = None if spec is None else spec.to_dict()
     return QuantConfig.from_dict(base)
 
 
@@ -174,6 +183,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from ..data import calibration_samples
     from ..export.hf import check_output_dir, save_quantized
     from ..models import get_architecture, load_model
+    from ..models.kvcache import disable_kv_quant
     from ..pipeline import quantize_model
     from ..utils.device import resolve_device
 
@@ -194,7 +204,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     calib = calibration_samples(config.calib, tokenizer, config.nsamples, config.seqlen, seed=config.seed,
                                 data_dir=args.data_dir)
     torch.manual_seed(config.seed)
-    result = quantize_model(model, arch, config, calib, device, progress=not args.quiet)
+    ckpt = _checkpoint(args, config, calib)
+    result = quantize_model(model, arch, config, calib, device, progress=not args.quiet, checkpoint=ckpt)
     report: dict[str, Any] = {
         "bitsmith_version": __version__, "source_model": str(Path(args.model).resolve()),
         "label": config.label, "recipe": config.to_dict(), "seconds": round(result.seconds, 3),
@@ -205,9 +216,29 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         report["ppl"] = _evaluate(model, tokenizer, names, config.seqlen, args.ppl_limit, 1, device,
                                   args.data_dir, not args.quiet)
         model.to("cpu")
+    disable_kv_quant(model, arch)  # the saved folder is a plain HF model; bitsmith.json records the KV spec
     save_quantized(model, tokenizer, args.output, report, overwrite=args.overwrite)
+    ckpt.remove()
     _print_summary(config.label, result.blocks, report.get("ppl"), result.seconds)
     return 0
+
+
+def _checkpoint(args: argparse.Namespace, config, calib):
+    """The run's checkpoint folder ``OUTPUT.partial``: resumed with --resume, replaced with --overwrite."""
+    from ..checkpoint import Checkpoint, fingerprint
+
+    out = Path(args.output)
+    folder = out.with_name(out.name + ".partial")
+    ckpt = Checkpoint(folder, fingerprint({"recipe": config.to_dict(), "model": str(Path(args.model).resolve())},
+                                          calib))
+    if folder.exists() and not args.resume:
+        if not args.overwrite:
+            raise UsageError(f"an interrupted run left {folder}; pass --resume to continue it or --overwrite "
+                             "to start over")
+        ckpt.remove()
+    if args.resume and not folder.exists():
+        log.warning("--resume: no checkpoint at %s; starting from the first block", folder)
+    return ckpt
 
 
 def _block_linears(model, arch):
@@ -222,6 +253,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..export.hf import read_report
     from ..formats import spec_from_dict
     from ..models import get_architecture, load_model
+    from ..models.kvcache import enable_kv_quant
     from ..pipeline import apply_activation_quant
     from ..utils.device import resolve_device
 
@@ -234,8 +266,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model)
     _check_seqlen(model, args.seqlen)
     report = read_report(args.model)
-    if report and report.get("recipe", {}).get("act"):
-        apply_activation_quant(model, get_architecture(model), spec_from_dict(report["recipe"]["act"]))
+    recipe = (report or {}).get("recipe", {})
+    if recipe.get("act"):
+        apply_activation_quant(model, get_architecture(model), spec_from_dict(recipe["act"]))
+    if recipe.get("kv"):
+        enable_kv_quant(model, get_architecture(model), spec_from_dict(recipe["kv"]))
     ppl = _evaluate(model, tokenizer, names, args.seqlen, args.limit, args.batch_size, device, args.data_dir,
                     not args.quiet)
     body = {"ppl": ppl, "seqlen": args.seqlen, "model": str(args.model)}

@@ -10,6 +10,12 @@ Storage per layer (buffers):
 
 The forward is the reference CPU path: unpack, dequantize, ``F.linear``. It is bit-exact with the frozen
 QuantLinear's weight.
+
+Optional LoRC factors (ZeroQuant-V2, arXiv 2303.08302; :mod:`bitsmith.algorithms.lorc`), attached by
+:meth:`PackedLinear.set_lorc`: ``A (out, r)`` and ``B (r, in)``, each stored as a float buffer (``lorc_a``,
+``lorc_b``) or, when quantized, as packed codes (``lorc_a_packed``) plus one scale per row (``lorc_a_scale``).
+The layer then computes ``x · (Ŵ + A·B)ᵀ + b`` (the reference path folds ``A·B``; a kernel would run it as a
+skinny second GEMM).
 """
 
 from __future__ import annotations
@@ -59,10 +65,64 @@ class PackedLinear(nn.Module):
 
     @classmethod
     def from_frozen(cls, q: nn.Module) -> "PackedLinear":
-        """Pack a frozen :class:`~bitsmith.nn.QuantLinear`."""
+        """Pack a frozen :class:`~bitsmith.nn.QuantLinear` (with its LoRC factors ``q.lorc``, if any)."""
         if getattr(q, "frozen", None) is None:
             raise ValueError("only a frozen QuantLinear can be packed; call freeze() first")
-        return cls(q.frozen, q.bias, q.weight.dtype)
+        packed = cls(q.frozen, q.bias, q.weight.dtype)
+        if getattr(q, "lorc", None) is not None:
+            packed.set_lorc(q.lorc.a, q.lorc.b)
+        return packed
+
+    # ---- LoRC low-rank branch ------------------------------------------------------------------------
+    def set_lorc(self, a: torch.Tensor | QuantizedTensor, b: torch.Tensor | QuantizedTensor) -> None:
+        """Attach LoRC factors ``A (out, r)``, ``B (r, in)``: float tensors (kept in their dtype) or frozen
+        symmetric-integer QuantizedTensors with one scale per row (codes packed like the weight's)."""
+        self.lorc_specs: dict[str, QuantSpec] = {}
+        for name, f in (("lorc_a", a), ("lorc_b", b)):
+            if isinstance(f, QuantizedTensor):
+                if f.zero is not None:
+                    raise ValueError("LoRC factors must be quantized symmetrically (no zero point)")
+                self.register_buffer(f"{name}_packed", pack_codes(f))
+                self.register_buffer(f"{name}_scale", f.scale.to(self.scale.dtype))
+                self.lorc_specs[name] = f.spec
+            else:
+                self.register_buffer(name, f.detach().clone())
+        self.lorc_rank = int((a.codes if isinstance(a, QuantizedTensor) else a).shape[1])
+
+    def lorc_factors(self) -> tuple[torch.Tensor | QuantizedTensor, torch.Tensor | QuantizedTensor] | None:
+        """The stored LoRC factors ``(A, B)`` (QuantizedTensors with unpacked codes when quantized), or None."""
+        if not hasattr(self, "lorc_specs"):
+            return None
+        out = []
+        for name, n in (("lorc_a", self.lorc_rank), ("lorc_b", self.in_features)):
+            spec = self.lorc_specs.get(name)
+            if spec is None:
+                out.append(getattr(self, name))
+            else:
+                codes = unpack_codes(getattr(self, f"{name}_packed"), spec, n)
+                out.append(QuantizedTensor(codes, getattr(self, f"{name}_scale"), None, spec))
+        return out[0], out[1]
+
+    def lorc_storage_bits(self, scale_bits: int = 16) -> int:
+        """Logical storage of the LoRC factors: ``r·(in + out)·bits`` (16 for float factors) + row scales."""
+        factors = self.lorc_factors()
+        if factors is None:
+            return 0
+        total = 0
+        for f in factors:
+            if isinstance(f, QuantizedTensor):
+                total += storage_bits(f.codes.numel(), f.spec.format.bits, f.scale.numel(), scale_bits)
+            else:
+                total += storage_bits(f.numel(), 16, 0)
+        return total
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight the forward uses, ``Ŵ + A·B`` (out, in) with LoRC (folded in fp32), else ``Ŵ``."""
+        factors = self.lorc_factors()
+        if factors is None:
+            return self.dequantized_weight()
+        a, b = (f.dequantize(torch.float32) if isinstance(f, QuantizedTensor) else f.float() for f in factors)
+        return (self.unpack().dequantize(torch.float32) + a @ b).to(self.scale.dtype)
 
     def unpack(self) -> QuantizedTensor:
         """The frozen quantization this layer stores (codes unpacked, qparams as stored)."""
@@ -74,19 +134,21 @@ class PackedLinear(nn.Module):
         return self.unpack().dequantize(self.scale.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantized_weight().to(x.dtype)
+        w = self.effective_weight().to(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
     def storage_bits(self, scale_bits: int = 16) -> int:
-        """Logical storage of codes + scales + zeros (zeros at the code width), excluding the bias."""
+        """Logical storage of codes + scales + zeros (zeros at the code width) + LoRC factors, without bias."""
         n = self.out_features * self.in_features
         bits = self.spec.format.bits
         n_zero = 0 if self.zero is None else self.zero.numel()
-        return storage_bits(n, bits, self.scale.numel(), scale_bits, n_zero, bits)
+        dense = storage_bits(n, bits, self.scale.numel(), scale_bits, n_zero, bits)
+        return dense + self.lorc_storage_bits(scale_bits)
 
     def buffer_nbytes(self) -> int:
         """Bytes actually held in memory by the quantized buffers (codes, scales, zeros)."""
         bufs = [self.qweight, self.scale] + ([self.zero] if self.zero is not None else [])
+        bufs += [b for n, b in self.named_buffers() if n.startswith("lorc_")]
         return sum(b.numel() * b.element_size() for b in bufs)
 
     def extra_repr(self) -> str:
