@@ -48,3 +48,26 @@ def collect_input_stats(modules: dict[str, nn.Module]) -> Iterator[dict[str, Cha
     finally:
         for h in hooks:
             h.remove()
+
+
+@contextmanager
+def collect_inputs(modules: dict[str, nn.Module], max_rows: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Within the context, keep up to ``max_rows`` rows ``(n, C)`` of each module's first input (in order)."""
+    rows: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
+    out: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def fn(mod, args):
+            have = sum(r.shape[0] for r in rows[name])
+            if have < max_rows:
+                x = args[0].detach().reshape(-1, args[0].shape[-1])
+                rows[name].append(x[: max_rows - have].float())
+        return fn
+
+    hooks = [m.register_forward_pre_hook(hook(name)) for name, m in modules.items()]
+    try:
+        yield out
+    finally:
+        for h in hooks:
+            h.remove()
+        out.update({name: torch.cat(r) for name, r in rows.items() if r})
