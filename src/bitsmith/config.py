@@ -12,14 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .algorithms.awq import AWQConfig
 from .algorithms.gptq import GPTQConfig
 from .algorithms.omniquant import OmniQuantConfig
 from .algorithms.smoothquant import SmoothQuantConfig
 from .formats import QuantSpec, spec_from_dict
 
 CONFIG_VERSION = 1
-METHODS = ("rtn", "gptq", "omniquant", "smoothquant")
-NESTED = {"gptq": GPTQConfig, "omniquant": OmniQuantConfig, "smoothquant": SmoothQuantConfig}
+METHODS = ("rtn", "gptq", "omniquant", "smoothquant", "awq")
+NESTED = {"gptq": GPTQConfig, "omniquant": OmniQuantConfig, "smoothquant": SmoothQuantConfig, "awq": AWQConfig}
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class QuantConfig:
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
     omniquant: OmniQuantConfig = field(default_factory=OmniQuantConfig)
     smoothquant: SmoothQuantConfig = field(default_factory=SmoothQuantConfig)
+    awq: AWQConfig = field(default_factory=AWQConfig)
     calib: str = "wikitext2"
     nsamples: int = 128
     seqlen: int = 2048
@@ -84,6 +86,7 @@ class QuantConfig:
             "gptq": dataclasses.asdict(self.gptq),
             "omniquant": dataclasses.asdict(self.omniquant),
             "smoothquant": dataclasses.asdict(self.smoothquant),
+            "awq": dataclasses.asdict(self.awq),
             "calib": self.calib,
             "nsamples": self.nsamples,
             "seqlen": self.seqlen,

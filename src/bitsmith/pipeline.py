@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .algorithms.awq import awq_block
 from .algorithms.block import gptq_block, rtn_block
 from .algorithms.lorc import LoRCFactors, collect_factors, lorc_block
 from .algorithms.omniquant import omniquant_block
@@ -25,7 +26,7 @@ from .models import Architecture, block_forward, capture_block_inputs, find_line
 from .models.kvcache import enable_kv_quant
 from .models.let import consumer_names, let_edges
 from .nn import QuantLinear, quant_linears, set_quant_state, to_fake
-from .transforms import collect_input_stats
+from .transforms import collect_input_stats, collect_inputs
 from .utils.device import empty_cache
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,12 @@ def quantize_block(block: nn.Module, config: QuantConfig, hidden: list[torch.Ten
     forward = lambda h, kw: block_forward(block, h, kw)  # noqa: E731
     if config.method == "omniquant":
         stats, fp_out = _omniquant(block, config, qlinears, hidden, kwargs, fp_hidden, arch, model_config, name)
+    elif config.method == "awq" and config.weight is not None:
+        edges, consumers = _edges(block, arch, model_config, hidden[0].device, shift=False, qk=False,
+                                  up_down=True)
+        with collect_inputs(consumers, config.awq.max_tokens) as edge_inputs:
+            fp_out = _outputs(block, hidden, kwargs)
+        stats = awq_block(qlinears, edges, edge_inputs, config.awq)
     elif config.method == "smoothquant":
         edges, consumers = _edges(block, arch, model_config, hidden[0].device, shift=False, qk=False, vo=False)
         with collect_input_stats(consumers) as edge_stats:

@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="local model folder (config.json + safetensors)")
     q.add_argument("--output", "-o", required=True, help="output folder (refused if it exists, see --overwrite)")
     q.add_argument("--recipe", default=None, help="JSON recipe file; explicit flags override its values")
-    q.add_argument("--method", choices=["rtn", "gptq", "omniquant", "smoothquant"], default=None)
+    q.add_argument("--method", choices=["rtn", "gptq", "omniquant", "smoothquant", "awq"], default=None)
     q.add_argument("--wbits", type=int, default=None, help="weight bits (16 = leave weights; default 4)")
     q.add_argument("--abits", type=int, default=None, help="activation bits (default 16 = not quantized)")
     q.add_argument("--group-size", type=int, default=None, help="weight group size (default: per channel)")
