@@ -31,7 +31,8 @@ class QuantLinear(nn.Module):
         self.weight = linear.weight
         self.bias = linear.bias
         self.weight_quantizer = (
-            WeightQuantizer(weight_spec, tuple(linear.weight.shape), lwc=lwc) if weight_spec is not None else None
+            WeightQuantizer(weight_spec, tuple(linear.weight.shape), lwc=lwc, device=linear.weight.device)
+            if weight_spec is not None else None
         )
         self.act_quantizer = ActQuantizer(act_spec) if act_spec is not None else None
         self.state = "fake" if weight_spec is not None else "float"

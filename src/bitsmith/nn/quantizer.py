@@ -19,7 +19,7 @@ class WeightQuantizer(nn.Module):
     """Fake-quantizes a weight ``(out, in)`` with ``spec``; holds LWC logits of shape ``(out, n_groups, 1)``."""
 
     def __init__(self, spec: QuantSpec, weight_shape: tuple[int, int], lwc: bool = False,
-                 lwc_init: float = LWC_INIT) -> None:
+                 lwc_init: float = LWC_INIT, device: torch.device | str | None = None) -> None:
         super().__init__()
         self.spec = spec
         self.weight_shape = tuple(weight_shape)
@@ -27,13 +27,13 @@ class WeightQuantizer(nn.Module):
         self.gamma: nn.Parameter | None = None
         self.beta: nn.Parameter | None = None
         if lwc:
-            self.enable_lwc(lwc_init)
+            self.enable_lwc(lwc_init, device)
 
-    def enable_lwc(self, init: float = LWC_INIT) -> None:
+    def enable_lwc(self, init: float = LWC_INIT, device: torch.device | str | None = None) -> None:
         """Create the LWC logits γ (max side) and β (min side), one per quantization block."""
         rows, groups = self.spec.granularity.to_groups(torch.empty(self.weight_shape, device="meta")).shape[:2]
-        self.gamma = nn.Parameter(torch.full((rows, groups, 1), float(init)))
-        self.beta = nn.Parameter(torch.full((rows, groups, 1), float(init)))
+        self.gamma = nn.Parameter(torch.full((rows, groups, 1), float(init), device=device))
+        self.beta = nn.Parameter(torch.full((rows, groups, 1), float(init), device=device))
 
     @property
     def has_lwc(self) -> bool:
