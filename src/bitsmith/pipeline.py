@@ -27,7 +27,7 @@ from .models.kvcache import enable_kv_quant
 from .models.let import consumer_names, let_edges
 from .nn import QuantLinear, quant_linears, set_quant_state, to_fake
 from .transforms import collect_input_stats, collect_inputs
-from .utils.device import empty_cache
+from .utils.device import empty_cache, peak_memory_bytes, reset_peak_memory
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +183,7 @@ def quantize_model(model: nn.Module, arch: Architecture, config: QuantConfig, ca
     bar = tqdm(list(enumerate(blocks)), desc=f"{config.method} {config.label}", disable=not progress, unit="block")
     for i, block in bar:
         t0 = time.perf_counter()
+        reset_peak_memory(device)
         home = next(block.parameters()).device
         block.to(device)
         prefix = f"{arch.layers}.{i}"
@@ -202,7 +203,8 @@ def quantize_model(model: nn.Module, arch: Architecture, config: QuantConfig, ca
             fp_hidden = fp_out
         block.to(home)
         empty_cache(device)
-        result.blocks.append({"block": i, **stats, "seconds": time.perf_counter() - t0})
+        result.blocks.append({"block": i, **stats, "seconds": time.perf_counter() - t0,
+                              "peak_memory_mb": peak_memory_bytes(device) / 2**20})
         bar.set_postfix(mse=f"{stats['output_mse']:.3g}")
         log.debug("block %d: output MSE %.4g", i, stats["output_mse"])
     result.seconds = time.perf_counter() - start

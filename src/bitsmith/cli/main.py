@@ -286,12 +286,19 @@ def _split(s: str | None) -> list[str]:
 
 
 def _print_summary(label: str, blocks: list[dict], ppl: dict | None, seconds: float) -> None:
-    print(f"{'block':>5}  {'output MSE':>12}  {'mean weight err':>15}  {'seconds':>8}")
+    """Per-block table: output error, mean weight error, reconstruction loss (trained methods), time, memory."""
+    trained = any("loss_final" in b for b in blocks)
+    head = f"{'block':>5}  {'output MSE':>12}  {'mean weight err':>15}"
+    print(head + (f"  {'loss init → final':>23}" if trained else "") + f"  {'seconds':>8}  {'peak MB':>8}")
     for b in blocks:
         errs = [s["weight_rel_err"] for s in b["layers"].values()]
         mean = sum(errs) / len(errs) if errs else float("nan")
-        print(f"{b['block']:>5}  {b['output_mse']:>12.4g}  {mean:>15.4g}  {b['seconds']:>8.2f}")
-    print(f"{label}: {len(blocks)} blocks in {seconds:.1f} s")
+        row = f"{b['block']:>5}  {b['output_mse']:>12.4g}  {mean:>15.4g}"
+        if trained:
+            row += f"  {b.get('loss_init', float('nan')):>10.4g} → {b.get('loss_final', float('nan')):<10.4g}"
+        print(row + f"  {b['seconds']:>8.2f}  {b.get('peak_memory_mb', float('nan')):>8.0f}")
+    peak = max((b.get("peak_memory_mb", 0.0) for b in blocks), default=0.0)
+    print(f"{label}: {len(blocks)} blocks in {seconds:.1f} s, peak memory {peak:.0f} MB")
     for name, v in (ppl or {}).items():
         print(f"{name} perplexity: {v:.4f}")
 
