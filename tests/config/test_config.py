@@ -57,4 +57,4 @@ def test_shipped_recipes_load():
     assert len(files) >= 5
     for f in files:
         cfg = QuantConfig.load(f)
-        assert cfg.weight is not None and QuantConfig.from_dict(cfg.to_dict()) == cfg
+        assert (cfg.weight, cfg.act, cfg.kv) != (None, None, None) and QuantConfig.from_dict(cfg.to_dict()) == cfg
