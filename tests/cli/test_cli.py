@@ -142,6 +142,7 @@ def test_bad_inputs(tmp_path, capsys, aidreams, samples):
           str(shared_path("data")), "--nsamples", "4", "--seqlen", "128", "-q"], "tokenizer"),
         (["eval", aidreams, "--ppl", "nosuchset", "--seqlen", "128", "-q"], "nosuchset"),
         (["eval", aidreams, "--ppl", samples, "--seqlen", "4096", "-q"], "context of 128"),
+        (["eval", aidreams, "--ppl", samples, "--seqlen", "128", "--threads", "0", "-q"], "--threads"),
     ]
     for argv, match in cases:
         _bad(tmp_path, capsys, argv, match)

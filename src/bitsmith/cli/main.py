@@ -26,6 +26,8 @@ class UsageError(ValueError):
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     p.add_argument("--data-dir", default=None, help="folder with <dataset>/<split>.txt|.jsonl (env BITSMITH_DATA_DIR)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's; use 1 when other processes share the cores)")
     p.add_argument("-v", "--verbose", action="count", default=0)
     p.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
 
@@ -314,6 +316,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         hf_logging.disable_progress_bar()
     try:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise UsageError(f"--threads must be at least 1, got {args.threads}")
+            import torch
+
+            torch.set_num_threads(args.threads)
         return {"quantize": cmd_quantize, "eval": cmd_eval}[args.command](args)
     except (ValueError, FileNotFoundError) as e:  # user errors: one line, exit 2
         if args.verbose:
