@@ -165,8 +165,7 @@ def apply_lorc(q: QuantLinear, rank: int, bits: int | None = None, name: str = "
     w = q.weight.detach().float()
     factors = make_factors(w, q.frozen.dequantize(torch.float32).to(w.device), rank, bits)
     folded = fold(q.frozen, factors).to(w.device)
-    # QuantLinear's frozen forward reads _frozen_weight (set by freeze()); this is the only write outside it.
-    q._frozen_weight = folded.to(q.weight.dtype)
+    q.set_frozen_weight(folded)
     q.lorc = factors
     err = float((w - folded).pow(2).sum() / w.pow(2).sum().clamp(min=1e-30))
     return {"lorc_rel_err": err}

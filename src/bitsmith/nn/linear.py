@@ -67,6 +67,14 @@ class QuantLinear(nn.Module):
         self.state = "frozen"
         return qt
 
+    @torch.no_grad()
+    def set_frozen_weight(self, w: torch.Tensor) -> None:
+        """Compute with ``w (out, in)`` in the frozen state while keeping the frozen codes (e.g. Ŵ + A·B for
+        LoRC). A later :meth:`freeze` recomputes the weight from the codes and drops the correction."""
+        if self.frozen is None:
+            raise ValueError("set_frozen_weight needs a frozen layer; call freeze() first")
+        self._frozen_weight = w.to(self.weight.dtype)
+
     # ---- forward ---------------------------------------------------------------------------------
     def effective_weight(self) -> torch.Tensor:
         """The weight the forward pass uses in the current state, ``(out, in)``."""
