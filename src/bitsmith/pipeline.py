@@ -97,10 +97,25 @@ def quantize_block(block: nn.Module, config: QuantConfig, hidden: list[torch.Ten
             stats = {"layers": rtn_block(qlinears)}
     for lname, s in lorc_block(qlinears, config.lorc_rank, config.lorc_bits).items():  # LoRC after any algorithm
         stats.setdefault("layers", {}).setdefault(lname, {}).update(s)
+    _check_finite(fp_out, f"the outputs of {name}")
     set_quant_state(block, weight=True, act=_any_act(config))
     q_out = _outputs(block, hidden, kwargs)
     stats["output_mse"] = _mse(q_out, fp_out)
     return stats, q_out, fp_out
+
+
+def check_finite_weights(model: nn.Module) -> None:
+    """Refuse a model whose parameters hold NaN/inf, naming the first such tensor (before calibration)."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise ValueError(f"model weight {name} contains NaN or inf; the checkpoint is corrupt, re-export it "
+                             "from a good copy")
+
+
+def _check_finite(tensors: list[torch.Tensor], what: str) -> None:
+    if not all(torch.isfinite(t).all() for t in tensors):
+        raise ValueError(f"{what} contain NaN or inf in full precision, before any quantization; the model "
+                         "overflows on this data (try fp32: --device cpu, or other calibration data)")
 
 
 def _any_act(config: QuantConfig) -> bool:
@@ -175,8 +190,10 @@ def quantize_model(model: nn.Module, arch: Architecture, config: QuantConfig, ca
         log.warning("resuming: %d finished blocks restored from %s", done, checkpoint.folder)
     if config.kv is not None:  # before capture: the attention masks depend on the attention implementation
         enable_kv_quant(model, arch, config.kv)
+    check_finite_weights(model)
     inputs = capture_block_inputs(model, arch, calib, device, batch_size=config.batch_size)
     hidden = inputs.hidden
+    _check_finite(hidden, "the embeddings' outputs")
     fp_hidden = list(hidden) if config.method == "omniquant" else None  # OmniQuant trains toward the fp model
     result = QuantResult()
     blocks = get_blocks(model, arch)

@@ -168,3 +168,35 @@ def test_recipe_file_with_flag_override(tmp_path, aidreams, samples):
     r = json.loads((out / "bitsmith.json").read_text())["recipe"]
     assert r["method"] == "gptq" and r["weight"]["granularity"] == {"kind": "group", "group_size": 32}
     assert r["nsamples"] == 4 and r["seqlen"] == 64
+
+
+def test_bad_files_exit_2_with_one_line(tmp_path, capsys, aidreams, samples):
+    """Issue 8's bad-file cases through the command line: one error line, exit 2, nothing written."""
+    import shutil
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    notext = tmp_path / "notext.jsonl"
+    notext.write_text('{"foo": 1}\n')
+    short = tmp_path / "short.jsonl"
+    short.write_text('{"input_ids": [1, 2, 3]}\n')
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(aidreams, corrupt)
+    data = (corrupt / "model.safetensors").read_bytes()
+    (corrupt / "model.safetensors").write_bytes(data[: len(data) // 2])
+    no_weights = tmp_path / "noweights"
+    shutil.copytree(aidreams, no_weights)
+    (no_weights / "model.safetensors").unlink()
+    base = ["--nsamples", "4", "--seqlen", "128", "-q"]
+    cases = [
+        (["quantize", aidreams, "--calib", str(empty), *base], "empty"),
+        (["quantize", aidreams, "--calib", str(binary), *base], "UTF-8"),
+        (["quantize", aidreams, "--calib", str(notext), *base], "line 1"),
+        (["quantize", aidreams, "--calib", str(short), *base], "not enough calibration tokens"),
+        (["quantize", str(corrupt), "--calib", samples, *base], "model.safetensors"),
+        (["quantize", str(no_weights), "--calib", samples, *base], "weight"),
+    ]
+    for argv, match in cases:
+        _bad(tmp_path, capsys, argv, match)

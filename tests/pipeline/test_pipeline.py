@@ -118,3 +118,22 @@ def test_fp4_m2_weights_with_fp8_activations_under_every_method(method):
         k = torch.log2(qt.scale.amax(dim=1, keepdim=True) / qt.scale)
         assert torch.equal(k, torch.round(k)) and qt.codes.max() < 16
     assert _sqnr(ref, _logits(model, ids)) > 6  # measured 8–9.5 dB on this random tiny model
+
+
+def test_nan_weight_is_reported_before_calibration():
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    cfg = QuantConfig(method="gptq", weight=QuantSpec(IntFormat(4)), nsamples=2, seqlen=16)
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight contains NaN"):
+        quantize_model(model, get_architecture(model), cfg, _ids(2), CPU, progress=False)
+
+
+def test_overflowing_activations_are_reported_with_the_block():
+    model = tiny_model("opt")
+    with torch.no_grad():  # finite weights whose activations overflow fp32 inside block 1
+        model.model.decoder.layers[1].fc1.weight.mul_(1e30)
+        model.model.decoder.layers[1].fc2.weight.mul_(1e30)
+    cfg = QuantConfig(method="rtn", weight=QuantSpec(IntFormat(4)), nsamples=2, seqlen=16)
+    with pytest.raises(ValueError, match="outputs of block 1 contain NaN or inf in full precision"):
+        quantize_model(model, get_architecture(model), cfg, _ids(2), CPU, progress=False)
