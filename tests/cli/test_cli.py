@@ -189,8 +189,18 @@ def test_bad_files_exit_2_with_one_line(tmp_path, capsys, aidreams, samples):
     no_weights = tmp_path / "noweights"
     shutil.copytree(aidreams, no_weights)
     (no_weights / "model.safetensors").unlink()
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text('{"method": "gptq", "wbitz": 4}')
+    typed = tmp_path / "typed.json"
+    typed.write_text('{"method": "gptq", "nsamples": "many"}')
+    saved = tmp_path / "saved"
+    shutil.copytree(aidreams, saved)
+    (saved / "bitsmith.json").write_text("{broken")
     base = ["--nsamples", "4", "--seqlen", "128", "-q"]
     cases = [
+        (["quantize", aidreams, "--recipe", str(recipe), "--calib", samples, "-q"], "unknown recipe key(s) wbitz"),
+        (["quantize", aidreams, "--recipe", str(typed), "--calib", samples, "-q"], "nsamples"),
+        (["eval", str(saved), "--ppl", samples, "--seqlen", "128", "-q"], "bitsmith.json is corrupt"),
         (["quantize", aidreams, "--calib", str(empty), *base], "empty"),
         (["quantize", aidreams, "--calib", str(binary), *base], "UTF-8"),
         (["quantize", aidreams, "--calib", str(notext), *base], "line 1"),
