@@ -5,3 +5,12 @@ Layers (imports go one way only): ``formats`` (pure tensor math) → ``nn`` (qua
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """Lazy public API (keeps ``import bitsmith`` light): ``bitsmith.load(path)`` reads a ``--pack`` folder."""
+    if name == "load":
+        from .export.packed import load
+
+        return load
+    raise AttributeError(f"module 'bitsmith' has no attribute {name!r}")

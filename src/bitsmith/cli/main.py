@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted run from OUTPUT.partial (same settings and data)")
     q.add_argument("--ppl", default=None, help="after quantizing, evaluate perplexity on these datasets")
     q.add_argument("--ppl-limit", type=int, default=None, help="evaluate only the first N windows")
+    q.add_argument("--pack", action="store_true",
+                   help="also write quantized.safetensors + quantization.json (packed codes; bitsmith.load)")
     _add_common(q)
 
     e = sub.add_parser("eval", help="perplexity of a model folder or a bitsmith output folder")
@@ -89,6 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=1)
     e.add_argument("--json", default=None, help="write the results to this JSON file")
     _add_common(e)
+
+    c = sub.add_parser("compare", help="table and PPL-vs-bits-per-weight plot of several quantize output folders")
+    c.add_argument("runs", nargs="+", metavar="RUN_DIR", help="folders written by bitsmith quantize")
+    c.add_argument("--output", "-o", default=None, help="write the scatter plot to this PNG (needs matplotlib)")
+    c.add_argument("--dataset", default=None, help="perplexity dataset to plot (default: the first one found)")
+    _add_common(c)
+
+    x = sub.add_parser("export", help="convert a bitsmith --pack output folder to another checkpoint format")
+    x.add_argument("model", help="bitsmith output folder made with quantize --pack")
+    x.add_argument("--format", required=True, choices=["compressed-tensors"], help="target checkpoint format")
+    x.add_argument("--output", "-o", required=True, help="output folder (refused if it exists, see --overwrite)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    x.add_argument("--strict", action="store_true",
+                   help="refuse layers the format cannot store instead of leaving them dense")
+    _add_common(x)
     return parser
 
 
@@ -180,6 +197,8 @@ def _check_seqlen(model, seqlen: int) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    import time
+
     import torch
 
     from ..data import calibration_samples
@@ -189,6 +208,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from ..pipeline import quantize_model
     from ..utils.device import resolve_device
 
+    t_start = time.perf_counter()
     config = config_from_args(args)
     check_output_dir(args.output, args.overwrite)
     device = resolve_device(args.device)
@@ -207,11 +227,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                                 data_dir=args.data_dir)
     torch.manual_seed(config.seed)
     ckpt = _checkpoint(args, config, calib)
+    sizes = _size_summary(config, model, arch)  # before quantizing: block linears are still plain nn.Linear
     result = quantize_model(model, arch, config, calib, device, progress=not args.quiet, checkpoint=ckpt)
     report: dict[str, Any] = {
         "bitsmith_version": __version__, "source_model": str(Path(args.model).resolve()),
         "label": config.label, "recipe": config.to_dict(), "seconds": round(result.seconds, 3),
-        "blocks": result.blocks,
+        "blocks": result.blocks, **sizes,
     }
     names = _split(args.ppl)
     if names:
@@ -219,7 +240,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                                   args.data_dir, not args.quiet)
         model.to("cpu")
     disable_kv_quant(model, arch)  # the saved folder is a plain HF model; bitsmith.json records the KV spec
-    save_quantized(model, tokenizer, args.output, report, overwrite=args.overwrite)
+    report["total_seconds"] = round(time.perf_counter() - t_start, 3)
+    from ..eval.report import write_reports
+
+    writer = write_reports
+    if getattr(args, "pack", False):  # the packed checkpoint goes into the temporary folder too (atomic output)
+        from ..export.packed import save_packed
+
+        def writer(folder, body):
+            write_reports(folder, body)
+            save_packed(model, result.frozen, result.lorc, folder)
+    save_quantized(model, tokenizer, args.output, report, overwrite=args.overwrite, extra_writer=writer)
     ckpt.remove()
     _print_summary(config.label, result.blocks, report.get("ppl"), result.seconds)
     return 0
@@ -241,6 +272,34 @@ def _checkpoint(args: argparse.Namespace, config, calib):
     if args.resume and not folder.exists():
         log.warning("--resume: no checkpoint at %s; starting from the first block", folder)
     return ckpt
+
+
+def _size_summary(config, model, arch) -> dict[str, Any]:
+    """Bits per weight and size estimate (``report.json``): per block linear, codes + one fp16 scale per group
+    (one per tensor for per-tensor) + one zero per group at the code width (asymmetric INT) + LoRC factors."""
+    from ..algorithms.lorc import lorc_extra_bits
+    from ..eval.report import size_summary
+    from ..formats.packing import storage_bits
+
+    rows = []
+    for name, lin in _block_linears(model, arch):
+        out_f, in_f, spec = lin.out_features, lin.in_features, config.weight
+        if spec is None:
+            rows.append((name, out_f * in_f, storage_bits(out_f * in_f, 16, 0)))
+            continue
+        n_scales = 1 if spec.granularity.kind == "tensor" else out_f * spec.granularity.n_groups(in_f)
+        n_zeros = n_scales if spec.format.has_zero_point else 0
+        extra = lorc_extra_bits(out_f, in_f, config.lorc_rank, config.lorc_bits) if config.lorc_rank else 0
+        rows.append((name, out_f * in_f, storage_bits(out_f * in_f, spec.format.bits, n_scales, 16, n_zeros,
+                                                      spec.format.bits if n_zeros else 0, extra)))
+    return size_summary(rows, sum(p.numel() for p in model.parameters()))
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from ..eval.report import compare
+
+    print(compare(args.runs, args.output, args.dataset))
+    return 0
 
 
 def _block_linears(model, arch):
@@ -283,6 +342,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from ..export.compressed import export_compressed_tensors
+
+    export_compressed_tensors(args.model, args.output, overwrite=args.overwrite, strict=args.strict)
+    print(f"wrote {args.format} checkpoint to {args.output}")
+    return 0
+
+
 def _split(s: str | None) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()] if s else []
 
@@ -322,7 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        return {"quantize": cmd_quantize, "eval": cmd_eval}[args.command](args)
+        return {"quantize": cmd_quantize, "eval": cmd_eval, "compare": cmd_compare,
+                "export": cmd_export}[args.command](args)
     except (ValueError, FileNotFoundError) as e:  # user errors: one line, exit 2
         if args.verbose:
             log.exception("failed")

@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from torch import nn
 
@@ -33,8 +33,12 @@ def check_output_dir(out: str | Path, overwrite: bool) -> Path:
 
 
 def save_quantized(model: nn.Module, tokenizer: Any, out: str | Path, report: dict[str, Any],
-                   overwrite: bool = False) -> Path:
-    """Write ``model`` (safetensors), its tokenizer (if any) and ``report`` as ``bitsmith.json`` to ``out``."""
+                   overwrite: bool = False,
+                   extra_writer: Callable[[Path, dict[str, Any]], None] | None = None) -> Path:
+    """Write ``model`` (safetensors), its tokenizer (if any) and ``report`` as ``bitsmith.json`` to ``out``.
+
+    ``extra_writer(folder, body)`` writes further files (e.g. ``report.json/md/png``) into the temporary folder
+    before it is renamed into place, so they appear atomically with the model."""
     out = check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -44,6 +48,8 @@ def save_quantized(model: nn.Module, tokenizer: Any, out: str | Path, report: di
             tokenizer.save_pretrained(tmp)
         body = {"version": REPORT_VERSION, **report}
         (tmp / REPORT_NAME).write_text(json.dumps(body, indent=2) + "\n")
+        if extra_writer is not None:
+            extra_writer(tmp, body)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -1,0 +1,182 @@
+"""Packed checkpoint: the real low-bit storage of every quantized linear, beside the Hugging Face folder.
+
+``bitsmith quantize … --pack`` adds two files to the output folder:
+
+* ``quantized.safetensors``: for each quantized linear ``<name>`` (qualified module name) the buffers of its
+  :class:`~bitsmith.nn.PackedLinear` (the one packing code path): ``<name>.qweight`` (packed codes),
+  ``<name>.scale``, ``<name>.zero`` (asymmetric integer formats only) and, with LoRC, ``<name>.lorc_a`` /
+  ``<name>.lorc_b`` (fp16 factors) or ``<name>.lorc_a_packed`` / ``<name>.lorc_a_scale`` (… ``_b_…``; INT8
+  factors). Biases stay in the Hugging Face weights.
+* ``quantization.json`` (``version`` 1): per layer its spec (``QuantSpec.to_dict()``), shape ``[out, in]``,
+  logical ``storage_bits`` and ``bits_per_weight`` (scales counted at 16 bits), and the LoRC rank / factor specs.
+
+:func:`load` builds the model from the folder (its dequantized weights), replaces the listed linears by
+``PackedLinear`` modules holding the stored buffers, and re-applies activation and KV-cache quantization recorded
+in ``bitsmith.json`` (as ``bitsmith eval`` does).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..formats import QuantizedTensor, QuantSpec, spec_from_dict
+from ..nn.packed import PackedLinear, unpack_codes
+
+log = logging.getLogger(__name__)
+
+PACKED_NAME = "quantized.safetensors"
+PACKED_CONFIG = "quantization.json"
+PACKED_VERSION = 1
+
+
+def packed_layers(model: nn.Module, frozen: dict[str, QuantizedTensor],
+                  lorc: dict[str, Any] | None = None) -> dict[str, PackedLinear]:
+    """One :class:`PackedLinear` per frozen layer (bias and dtype from the model's linear of that name)."""
+    out = {}
+    for name, qt in frozen.items():
+        lin = model.get_submodule(name)
+        weight = getattr(lin, "weight", None)
+        dtype = weight.dtype if weight is not None else torch.float32
+        qt = QuantizedTensor(qt.codes.cpu(), qt.scale.cpu(), None if qt.zero is None else qt.zero.cpu(), qt.spec)
+        bias = None if getattr(lin, "bias", None) is None else lin.bias.detach().cpu()
+        packed = PackedLinear(qt, bias, dtype)
+        factors = (lorc or {}).get(name)
+        if factors is not None:
+            packed.set_lorc(factors.a, factors.b)
+        out[name] = packed
+    return out
+
+
+def _layer_entry(p: PackedLinear) -> dict[str, Any]:
+    bits = p.storage_bits()
+    entry: dict[str, Any] = {
+        "spec": p.spec.to_dict(), "shape": [p.out_features, p.in_features], "dtype": str(p.scale.dtype),
+        "storage_bits": bits, "bits_per_weight": bits / (p.out_features * p.in_features), "lorc": None,
+    }
+    if hasattr(p, "lorc_specs"):
+        entry["lorc"] = {"rank": p.lorc_rank,
+                         "specs": {k: s.to_dict() for k, s in p.lorc_specs.items()}}
+    return entry
+
+
+def save_packed(model: nn.Module, frozen: dict[str, QuantizedTensor], lorc: dict[str, Any] | None,
+                folder: str | Path) -> Path:
+    """Write ``quantized.safetensors`` and ``quantization.json`` into the existing ``folder`` (each written to a
+    temporary name and renamed, ``quantization.json`` last, so its presence means the packed files are complete)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    layers = packed_layers(model, frozen, lorc)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, p in layers.items():
+        for key, buf in p.named_buffers():
+            if key != "bias" and buf is not None:
+                tensors[f"{name}.{key}"] = buf.contiguous()
+    total = sum(p.storage_bits() for p in layers.values())
+    n = sum(p.out_features * p.in_features for p in layers.values())
+    body = {"version": PACKED_VERSION, "weights": PACKED_NAME,
+            "layers": {name: _layer_entry(p) for name, p in layers.items()},
+            "bits_per_weight": total / n if n else None}
+    tmp = folder / f".{PACKED_NAME}.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt", "bitsmith_packed_version": str(PACKED_VERSION)})
+    os.replace(tmp, folder / PACKED_NAME)
+    tmp = folder / f".{PACKED_CONFIG}.tmp"
+    tmp.write_text(json.dumps(body, indent=2) + "\n")
+    os.replace(tmp, folder / PACKED_CONFIG)
+    log.info("wrote packed weights of %d layers (%.3f bits per weight) to %s", len(layers),
+             body["bits_per_weight"] or 0.0, folder / PACKED_NAME)
+    return folder / PACKED_NAME
+
+
+def read_packed_config(folder: str | Path) -> dict[str, Any]:
+    """The ``quantization.json`` of a packed folder (ValueError naming the fix when absent or unreadable)."""
+    p = Path(folder) / PACKED_CONFIG
+    if not p.is_file() or not (Path(folder) / PACKED_NAME).is_file():
+        raise ValueError(f"{folder} has no packed checkpoint ({PACKED_CONFIG} + {PACKED_NAME}); "
+                         "re-run bitsmith quantize with --pack")
+    try:
+        body = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{p} is corrupt ({e}); re-run bitsmith quantize with --pack") from None
+    if body.get("version") != PACKED_VERSION:
+        raise ValueError(f"{p} has version {body.get('version')!r}, this bitsmith reads version {PACKED_VERSION}; "
+                         "re-run bitsmith quantize with --pack")
+    return body
+
+
+def _factor(tensors: dict[str, torch.Tensor], prefix: str, key: str, spec: dict | None, n: int):
+    if spec is None:
+        return tensors[f"{prefix}.{key}"]
+    s = spec_from_dict(spec)
+    codes = unpack_codes(tensors[f"{prefix}.{key}_packed"], s, n)
+    return QuantizedTensor(codes, tensors[f"{prefix}.{key}_scale"], None, s)
+
+
+def build_packed_linear(name: str, entry: dict[str, Any], tensors: dict[str, torch.Tensor],
+                        bias: torch.Tensor | None) -> PackedLinear:
+    """Rebuild one :class:`PackedLinear` from its stored buffers (codes are unpacked and re-packed through the
+    same code path; the result must equal the stored words)."""
+    spec: QuantSpec = spec_from_dict(entry["spec"])
+    out_f, in_f = entry["shape"]
+    qweight, scale = tensors[f"{name}.qweight"], tensors[f"{name}.scale"]
+    zero = tensors.get(f"{name}.zero")
+    codes = unpack_codes(qweight, spec, in_f)
+    if tuple(codes.shape) != (out_f, in_f):
+        raise ValueError(f"packed layer {name} has codes of shape {tuple(codes.shape)}, expected {(out_f, in_f)}; "
+                         "the packed checkpoint is corrupt, re-run bitsmith quantize with --pack")
+    qt = QuantizedTensor(codes, scale, None if zero is None else zero.to(scale.dtype), spec)
+    p = PackedLinear(qt, bias, scale.dtype)
+    if not torch.equal(p.qweight, qweight):
+        raise ValueError(f"packed layer {name} does not round-trip; the packed checkpoint is corrupt")
+    lorc = entry.get("lorc")
+    if lorc:
+        specs = lorc.get("specs", {})
+        a = _factor(tensors, name, "lorc_a", specs.get("lorc_a"), int(lorc["rank"]))
+        b = _factor(tensors, name, "lorc_b", specs.get("lorc_b"), in_f)
+        p.set_lorc(a, b)
+    return p
+
+
+def load(path: str | Path, device: str | torch.device | None = None) -> nn.Module:
+    """A bitsmith output folder made with ``--pack`` as a model whose quantized linears are
+    :class:`PackedLinear` modules; activation and KV-cache quantization from ``bitsmith.json`` are re-applied."""
+    from safetensors.torch import load_file
+
+    from ..models import get_architecture, load_model
+    from ..models.kvcache import enable_kv_quant
+    from ..nn.quantizer import ActQuantizer
+    from .hf import read_report
+
+    body = read_packed_config(path)
+    model, _ = load_model(path)
+    model.eval()
+    tensors = load_file(str(Path(path) / PACKED_NAME))
+    for name, entry in body["layers"].items():
+        try:
+            lin = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"packed layer {name} is not a module of the model in {path}; "
+                             "the folder and its packed checkpoint do not belong together") from None
+        bias = None if getattr(lin, "bias", None) is None else lin.bias.detach()
+        packed = build_packed_linear(name, entry, tensors, bias)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, packed)
+    recipe = (read_report(path) or {}).get("recipe", {})
+    if recipe.get("act"):
+        spec = spec_from_dict(recipe["act"])
+        for name in body["layers"]:
+            m = model.get_submodule(name)
+            m.act_quantizer = ActQuantizer(spec)
+            m.register_forward_pre_hook(lambda mod, args: (mod.act_quantizer(args[0]), *args[1:]))
+    if recipe.get("kv"):
+        enable_kv_quant(model, get_architecture(model), spec_from_dict(recipe["kv"]))
+    if device is not None:
+        model.to(device)
+    return model
