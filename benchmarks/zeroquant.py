@@ -28,7 +28,6 @@ import logging
 import math
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -44,6 +43,9 @@ from bitsmith.formats import E2M1, E4M3, IntFormat, PerChannel, PerGroup, PerTok
 from bitsmith.models import get_architecture, load_model
 from bitsmith.nn import PackedLinear
 from bitsmith.pipeline import QuantResult, quantize_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import git_state, log  # noqa: E402  (sibling benchmark script: small shared helpers)
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("aidreams260K", "stories260K")
@@ -89,10 +91,6 @@ def settings(ranks: list[int]) -> list[Setting]:
     return out
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shared", type=Path, default=ROOT.parent / "shared",
@@ -112,16 +110,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.data_dir = args.data_dir or args.shared / "data"
     return args
-
-
-def git_state() -> dict:
-    def run(*cmd: str) -> str:
-        try:
-            return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-        except (OSError, subprocess.CalledProcessError):
-            return ""
-    return {"commit": run("rev-parse", "--short", "HEAD").strip(),
-            "dirty_files": [line[3:] for line in run("status", "--porcelain", "--", "src").splitlines()]}
 
 
 def weight_bpw(result: QuantResult) -> float:
