@@ -106,3 +106,27 @@ def test_training_lowers_reconstruction_loss():
 def test_config_validation(kw, match):
     with pytest.raises(ValueError, match=match):
         OmniQuantConfig(**kw)
+
+
+def test_keep_best_restores_the_lowest_loss_parameters():
+    from bitsmith.algorithms.reconstruct import eval_loss
+
+    q, x, targets, group = _toy_problem()
+    group.lr = 5.0  # far too large: the loss ends above its best value
+    fwd = lambda h, kw: q(h)  # noqa: E731
+    seen = []
+    orig = eval_loss
+
+    def spy(*a, **k):
+        seen.append(orig(*a, **k))
+        return seen[-1]
+
+    import bitsmith.algorithms.reconstruct as rc
+
+    rc.eval_loss, saved = spy, rc.eval_loss
+    try:
+        train_with_retry("b", fwd, [group], x, targets, [{}] * 3, TrainConfig(epochs=6, keep_best=True))
+    finally:
+        rc.eval_loss = saved
+    assert len(seen) == 7 and min(seen) < seen[-1]  # the last epoch was not the best one
+    assert eval_loss(fwd, x, targets, [{}] * 3) == pytest.approx(min(seen), rel=1e-6)

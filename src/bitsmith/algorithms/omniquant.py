@@ -34,6 +34,7 @@ class OmniQuantConfig:
     alpha: float = 0.5
     let_qk: bool = True
     let_up_down: bool = False
+    keep_best: bool = False
 
     def __post_init__(self) -> None:
         if self.epochs > 0 and not (self.lwc or self.let):
@@ -47,7 +48,8 @@ class OmniQuantConfig:
 
     @property
     def train(self) -> TrainConfig:
-        return TrainConfig(epochs=self.epochs, weight_decay=self.weight_decay, aug_loss=self.aug_loss)
+        return TrainConfig(epochs=self.epochs, weight_decay=self.weight_decay, aug_loss=self.aug_loss,
+                           keep_best=self.keep_best)
 
 
 def omniquant_block(block_name: str, qlinears: dict[str, QuantLinear], edges: list[Edge],

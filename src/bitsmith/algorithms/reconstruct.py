@@ -31,11 +31,14 @@ class NonFiniteLoss(RuntimeError):
 @dataclass(frozen=True)
 class TrainConfig:
     """``epochs`` passes over the calibration batches; AdamW with ``weight_decay``; ``aug_loss`` adds the
-    official code's second target (full-precision block on the quantized inputs)."""
+    official code's second target (full-precision block on the quantized inputs). ``keep_best`` evaluates the
+    loss over all batches before training and after every epoch and restores the lowest-loss parameters at the
+    end (the official code keeps the last ones, which with its constant learning rate are often not the best)."""
 
     epochs: int = 20
     weight_decay: float = 0.0
     aug_loss: bool = False
+    keep_best: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.epochs, int) or self.epochs < 0:
@@ -72,6 +75,9 @@ def train_block(forward: BlockForward, groups: list[ParamGroup], q_inputs: list[
             p.requires_grad_(True)
     opt = torch.optim.AdamW([{"params": g.params, "lr": g.lr * lr_scale} for g in groups],
                             weight_decay=cfg.weight_decay)
+    params = [p for g in groups for p in g.params]
+    best = (eval_loss(forward, q_inputs, targets, kwargs), [p.detach().clone() for p in params]) \
+        if cfg.keep_best else None
     history = []
     for epoch in range(cfg.epochs):
         total = 0.0
@@ -85,6 +91,14 @@ def train_block(forward: BlockForward, groups: list[ParamGroup], q_inputs: list[
             total += float(loss.detach())
         history.append(total / len(q_inputs))
         log.debug("epoch %d: loss %.6g", epoch, history[-1])
+        if best is not None:
+            current = eval_loss(forward, q_inputs, targets, kwargs)
+            if current < best[0]:
+                best = (current, [p.detach().clone() for p in params])
+    if best is not None:
+        with torch.no_grad():
+            for p, saved in zip(params, best[1]):
+                p.copy_(saved)
     for g in groups:
         for p in g.params:
             p.requires_grad_(False)

@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--let-lr", type=float, default=None, help="LET learning rate (default 5e-3)")
     o.add_argument("--wd", type=float, default=None, help="AdamW weight decay (default 0)")
     o.add_argument("--aug-loss", action="store_true", default=None, help="add the fp-block-on-quantized-input target")
+    o.add_argument("--keep-best", action="store_true", default=None,
+                   help="restore each block's lowest-loss epoch instead of the last (not in the official code)")
     o.add_argument("--alpha", type=float, default=None,
                    help="SmoothQuant migration strength (LET init for omniquant; the method for smoothquant; 0.5)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -143,7 +145,8 @@ def config_from_args(args: argparse.Namespace):
         base["lorc_bits"] = None if args.lorc_bits == 16 else args.lorc_bits
     omni = dict(base.get("omniquant", {}))
     for flag, key in (("lwc", "lwc"), ("let", "let"), ("epochs", "epochs"), ("lwc_lr", "lwc_lr"),
-                      ("let_lr", "let_lr"), ("wd", "weight_decay"), ("aug_loss", "aug_loss"), ("alpha", "alpha")):
+                      ("let_lr", "let_lr"), ("wd", "weight_decay"), ("aug_loss", "aug_loss"), ("alpha", "alpha"),
+                      ("keep_best", "keep_best")):
         if getattr(args, flag) is not None:
             omni[key] = getattr(args, flag)
     base["omniquant"] = omni
