@@ -236,7 +236,7 @@ def _restore_block(block: nn.Module, config: QuantConfig, checkpoint: Checkpoint
     fp_out = _outputs(block, fp_hidden, kwargs) if fp_hidden is not None else None
     state, frozen, lorc, stats = checkpoint.load_block(index)
     if config.act is not None:
-        to_fake(block, list(find_linears(block)), lambda name, lin: (None, config.act))
+        _wrap_activations(block, config.act)
     block.load_state_dict(state, strict=True)
     set_quant_state(block, weight=True, act=_any_act(config))
     result.frozen.update(frozen)
@@ -246,9 +246,11 @@ def _restore_block(block: nn.Module, config: QuantConfig, checkpoint: Checkpoint
 
 def apply_activation_quant(model: nn.Module, arch: Architecture, act: QuantSpec) -> int:
     """Wrap every block linear of an (already weight-quantized) model with an input quantizer. Returns count."""
-    n = 0
-    for block in get_blocks(model, arch):
-        names = list(find_linears(block))
-        to_fake(block, names, lambda name, lin: (None, act))
-        n += len(names)
-    return n
+    return sum(_wrap_activations(block, act) for block in get_blocks(model, arch))
+
+
+def _wrap_activations(block: nn.Module, act: QuantSpec) -> int:
+    """Give every linear of ``block`` an input quantizer (weights left as they are). Returns count."""
+    names = list(find_linears(block))
+    to_fake(block, names, lambda name, lin: (None, act))
+    return len(names)

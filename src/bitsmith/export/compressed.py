@@ -28,9 +28,6 @@ Needs the optional dependency: ``pip install -e ".[export]"``.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -106,7 +103,7 @@ def export_compressed_tensors(src: str | Path, dest: str | Path, overwrite: bool
     from safetensors.torch import load_file
 
     from ..models import load_model
-    from .hf import check_output_dir, read_report
+    from .hf import atomic_folder, check_output_dir, read_report
     from .packed import PACKED_NAME, build_packed_linear, read_packed_config
 
     dest = check_output_dir(dest, overwrite)
@@ -162,18 +159,10 @@ def export_compressed_tensors(src: str | Path, dest: str | Path, overwrite: bool
                 lin.weight_zero_point.data = z.to(zp.dtype)
     compressor = ModelCompressor.from_pretrained_model(model)
     compressor.compress_model(model)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
+    with atomic_folder(dest) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         compressor.update_config(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("wrote compressed-tensors checkpoint (%s) to %s", qconfig.format, dest)
     return dest

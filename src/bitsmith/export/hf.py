@@ -6,13 +6,14 @@ leaves a half-written output folder.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from torch import nn
 
@@ -32,6 +33,22 @@ def check_output_dir(out: str | Path, overwrite: bool) -> Path:
     return out
 
 
+@contextlib.contextmanager
+def atomic_folder(dest: Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder of ``dest``; on success it replaces ``dest`` (renamed into place), on any
+    error it is removed, so ``dest`` is never half-written."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        yield tmp
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_quantized(model: nn.Module, tokenizer: Any, out: str | Path, report: dict[str, Any],
                    overwrite: bool = False,
                    extra_writer: Callable[[Path, dict[str, Any]], None] | None = None) -> Path:
@@ -40,9 +57,7 @@ def save_quantized(model: nn.Module, tokenizer: Any, out: str | Path, report: di
     ``extra_writer(folder, body)`` writes further files (e.g. ``report.json/md/png``) into the temporary folder
     before it is renamed into place, so they appear atomically with the model."""
     out = check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -50,12 +65,6 @@ def save_quantized(model: nn.Module, tokenizer: Any, out: str | Path, report: di
         (tmp / REPORT_NAME).write_text(json.dumps(body, indent=2) + "\n")
         if extra_writer is not None:
             extra_writer(tmp, body)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("wrote %s", out)
     return out
 
