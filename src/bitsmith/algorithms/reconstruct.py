@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..utils import dist
 from ..utils.device import autocast
 
 log = logging.getLogger(__name__)
@@ -84,11 +85,13 @@ def train_block(forward: BlockForward, groups: list[ParamGroup], q_inputs: list[
         for h, kw, tgt in zip(q_inputs, kwargs, targets):
             opt.zero_grad(set_to_none=True)
             loss = _loss(forward, h, kw, tgt)
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"loss {float(loss.detach())} in epoch {epoch}")
+            value = dist.mean_scalar(loss.detach())  # every rank sees the same value: same decisions
+            if not math.isfinite(value):
+                raise NonFiniteLoss(f"loss {value} in epoch {epoch}")
             loss.backward()
+            dist.average_gradients(params)
             opt.step()
-            total += float(loss.detach())
+            total += value
         history.append(total / len(q_inputs))
         log.debug("epoch %d: loss %.6g", epoch, history[-1])
         if best is not None:
@@ -132,4 +135,4 @@ def eval_loss(forward: BlockForward, q_inputs: list[torch.Tensor], targets: list
               kwargs: list[dict]) -> float:
     """Mean reconstruction loss without gradients (for before/after reports)."""
     vals = [float(_loss(forward, h, kw, t)) for h, kw, t in zip(q_inputs, kwargs, targets)]
-    return sum(vals) / len(vals) if vals else math.nan
+    return dist.mean_scalar(sum(vals) / len(vals)) if vals else math.nan
