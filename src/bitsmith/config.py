@@ -14,13 +14,17 @@ from typing import Any
 
 from .algorithms.awq import AWQConfig
 from .algorithms.gptq import GPTQConfig
+from .algorithms.learned import AUTOROUND, BITSMITH, ReconstructConfig
 from .algorithms.omniquant import OmniQuantConfig
 from .algorithms.smoothquant import SmoothQuantConfig
 from .formats import QuantSpec, spec_from_dict
 
 CONFIG_VERSION = 1
-METHODS = ("rtn", "gptq", "omniquant", "smoothquant", "awq")
-NESTED = {"gptq": GPTQConfig, "omniquant": OmniQuantConfig, "smoothquant": SmoothQuantConfig, "awq": AWQConfig}
+METHODS = ("bitsmith", "rtn", "gptq", "omniquant", "autoround", "smoothquant", "awq")
+DEFAULT_METHOD = "bitsmith"
+LEARNED = {"autoround": AUTOROUND, "bitsmith": BITSMITH}  # methods whose recipe is a ReconstructConfig preset
+NESTED = {"gptq": GPTQConfig, "omniquant": OmniQuantConfig, "smoothquant": SmoothQuantConfig, "awq": AWQConfig,
+          "reconstruct": ReconstructConfig}
 
 
 @dataclass(frozen=True)
@@ -29,7 +33,9 @@ class QuantConfig:
 
     ``weight``/``act``: specs for linear weights and inputs; ``kv``: keys and values after RoPE, per token and
     head (None: left in full precision).
-    ``method``: weight algorithm. Calibration: ``nsamples`` windows of ``seqlen`` tokens from ``calib``.
+    ``method``: weight algorithm; ``bitsmith`` (the default recipe) and ``autoround`` are block reconstruction
+    recipes whose full settings live in ``reconstruct`` (filled from the method's preset when not given);
+    ``omniquant`` converts ``omniquant`` to the same trainer. Calibration: ``nsamples`` windows of ``seqlen`` tokens from ``calib``.
     ``lorc_rank``/``lorc_bits``: LoRC low-rank error compensation after the weight algorithm (ZeroQuant-V2/FP;
     rank 0 = off; ``lorc_bits`` None = fp16 factors, 2–8 = symmetric integer factors, e.g. 8).
     """
@@ -42,6 +48,7 @@ class QuantConfig:
     omniquant: OmniQuantConfig = field(default_factory=OmniQuantConfig)
     smoothquant: SmoothQuantConfig = field(default_factory=SmoothQuantConfig)
     awq: AWQConfig = field(default_factory=AWQConfig)
+    reconstruct: ReconstructConfig | None = None
     calib: str = "wikitext2"
     nsamples: int = 128
     seqlen: int = 2048
@@ -62,6 +69,17 @@ class QuantConfig:
         if self.nsamples % self.batch_size:
             raise ValueError(f"nsamples ({self.nsamples}) must be a multiple of batch_size ({self.batch_size})")
         _check_lorc(self)
+        if self.method in LEARNED and self.reconstruct is None:
+            object.__setattr__(self, "reconstruct", LEARNED[self.method])
+        if self.method not in LEARNED and self.reconstruct is not None:
+            raise ValueError(f"recipe key 'reconstruct' applies to methods {', '.join(LEARNED)}, not "
+                             f"{self.method!r}; drop it or change the method")
+
+    def learned(self) -> ReconstructConfig | None:
+        """The block-reconstruction recipe of a trained method (None for rtn/gptq/awq/smoothquant)."""
+        if self.method == "omniquant":
+            return self.omniquant.to_reconstruct()
+        return self.reconstruct
 
     @property
     def label(self) -> str:
@@ -87,6 +105,7 @@ class QuantConfig:
             "omniquant": dataclasses.asdict(self.omniquant),
             "smoothquant": dataclasses.asdict(self.smoothquant),
             "awq": dataclasses.asdict(self.awq),
+            "reconstruct": None if self.reconstruct is None else dataclasses.asdict(self.reconstruct),
             "calib": self.calib,
             "nsamples": self.nsamples,
             "seqlen": self.seqlen,
@@ -113,7 +132,7 @@ class QuantConfig:
             if d.get(key) is not None:
                 d[key] = _spec(d[key], key)
         for key, cls_ in NESTED.items():
-            if key in d:
+            if key in d and d[key] is not None:
                 d[key] = _nested(cls_, d[key], key)
         _check_types(d)
         return cls(**d)

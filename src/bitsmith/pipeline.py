@@ -15,9 +15,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .algorithms.awq import awq_block
-from .algorithms.block import gptq_block, rtn_block
+from .algorithms.block import gptq_block, gptq_start_block, rtn_block
+from .algorithms.learned import reconstruct_block
 from .algorithms.lorc import LoRCFactors, collect_factors, lorc_block
-from .algorithms.omniquant import omniquant_block
 from .algorithms.smoothquant import smoothquant_block
 from .checkpoint import Checkpoint
 from .config import QuantConfig
@@ -70,12 +70,11 @@ def quantize_block(block: nn.Module, config: QuantConfig, hidden: list[torch.Ten
     Returns (block statistics with ``"layers"``, quantized outputs, full-precision outputs).
     """
     names = list(find_linears(block))
-    use_lwc = config.method == "omniquant" and config.omniquant.lwc and config.weight is not None
-    qlinears = to_fake(block, names, _spec_fn(config), lwc=use_lwc)
+    qlinears = to_fake(block, names, _spec_fn(config))
     set_quant_state(block, weight=False, act=False)
     forward = lambda h, kw: block_forward(block, h, kw)  # noqa: E731
-    if config.method == "omniquant":
-        stats, fp_out = _omniquant(block, config, qlinears, hidden, kwargs, fp_hidden, arch, model_config, name)
+    if config.learned() is not None:
+        stats, fp_out = _reconstruct(block, config, qlinears, hidden, kwargs, fp_hidden, arch, model_config, name)
     elif config.method == "awq" and config.weight is not None:
         edges, consumers = _edges(block, arch, model_config, hidden[0].device, shift=False, qk=False,
                                   up_down=True)
@@ -135,23 +134,28 @@ def _edges(block, arch, model_config, device, **kw):
     return edges, consumers
 
 
-def _omniquant(block, config, qlinears, hidden, kwargs, fp_hidden, arch, model_config, name):
-    """OmniQuant on one block: fp targets (and LET statistics) from the full-precision chain, then training."""
-    cfg = config.omniquant
+def _reconstruct(block, config, qlinears, hidden, kwargs, fp_hidden, arch, model_config, name):
+    """A learned method on one block (OmniQuant, AutoRound, bitsmith's default): fp targets (and LET
+    statistics) from the full-precision chain, an optional GPTQ start, then the reconstruction trainer."""
+    rc = config.learned()
     edges, consumers = [], {}
-    if cfg.let:
+    if rc.let:
         edges, consumers = _edges(block, arch, model_config, hidden[0].device, shift=config.act is not None,
-                                  qk=cfg.let_qk, up_down=cfg.let_up_down)
+                                  qk=rc.let_qk, up_down=rc.let_up_down)
     with collect_input_stats(consumers) as edge_stats:
         fp_out = _outputs(block, fp_hidden if fp_hidden is not None else hidden, kwargs)
     targets = [[t] for t in fp_out]
-    if cfg.aug_loss:
+    if rc.aug_loss:
         for t, extra in zip(targets, _outputs(block, hidden, kwargs)):
             t.append(extra)
     block.requires_grad_(False)
-    set_quant_state(block, weight=config.weight is not None, act=_any_act(config))
     forward = lambda h, kw: block_forward(block, h, kw)  # noqa: E731
-    stats = omniquant_block(name, qlinears, edges, edge_stats, hidden, targets, kwargs, forward, cfg)
+    if rc.start == "gptq" and config.weight is not None:
+        gptq_start_block(block, qlinears, hidden, kwargs, forward, config.gptq)
+    if config.weight is None:  # no weight quantizers: only LET (for activation quantization) can learn
+        rc = rc.replace(clip="none", rounding=False)
+    set_quant_state(block, weight=config.weight is not None, act=_any_act(config))
+    stats = reconstruct_block(name, qlinears, edges, edge_stats, hidden, targets, kwargs, forward, rc)
     return stats, fp_out
 
 
@@ -194,7 +198,7 @@ def quantize_model(model: nn.Module, arch: Architecture, config: QuantConfig, ca
     inputs = capture_block_inputs(model, arch, calib, device, batch_size=config.batch_size)
     hidden = inputs.hidden
     _check_finite(hidden, "the embeddings' outputs")
-    fp_hidden = list(hidden) if config.method == "omniquant" else None  # OmniQuant trains toward the fp model
+    fp_hidden = list(hidden) if config.learned() is not None else None  # trained methods target the fp model
     result = QuantResult()
     blocks = get_blocks(model, arch)
     bar = tqdm(list(enumerate(blocks)), desc=f"{config.method} {config.label}", disable=not progress, unit="block")

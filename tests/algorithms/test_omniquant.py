@@ -68,11 +68,12 @@ def test_nan_loss_retried_then_reported_with_block_name():
         out = q(h)
         return out * float("nan") if calls["n"] == 1 else out
 
-    hist = train_with_retry("block 3", flaky, [group], x, targets, [{}] * 3, TrainConfig(epochs=2))
-    assert len(hist) == 2 and all(torch.isfinite(torch.tensor(hist)))  # the retry succeeded
+    info = train_with_retry("block 3", flaky, [group], x, targets, [{}] * 3, TrainConfig(steps=6))
+    hist = info["step_losses"]
+    assert len(hist) == 6 and all(torch.isfinite(torch.tensor(hist)))  # the retry succeeded
     always_nan = lambda h, kw: q(h) * float("nan")  # noqa: E731
     with pytest.raises(ValueError, match="block 3: training diverged twice"):
-        train_with_retry("block 3", always_nan, [group], x, targets, [{}] * 3, TrainConfig(epochs=1))
+        train_with_retry("block 3", always_nan, [group], x, targets, [{}] * 3, TrainConfig(steps=3))
 
 
 def test_retry_restores_initial_parameters(caplog):
@@ -86,15 +87,16 @@ def test_retry_restores_initial_parameters(caplog):
         return out * float("nan") if len(seen) == 3 else out  # fails after two updates
 
     with caplog.at_level(logging.WARNING):
-        train_with_retry("block 0", record, [group], x, targets, [{}] * 3, TrainConfig(epochs=1))
+        train_with_retry("block 0", record, [group], x, targets, [{}] * 3, TrainConfig(steps=3))
     assert "retrying" in caplog.text
     assert torch.equal(seen[3], start)  # the second attempt started from the saved initial values
 
 
 def test_training_lowers_reconstruction_loss():
     q, x, targets, group = _toy_problem()
-    hist = train_with_retry("b", lambda h, kw: q(h), [group], x, targets, [{}] * 3, TrainConfig(epochs=30))
-    assert hist[-1] < hist[0]
+    info = train_with_retry("b", lambda h, kw: q(h), [group], x, targets, [{}] * 3, TrainConfig(steps=90))
+    hist = info["step_losses"]
+    assert sum(hist[-3:]) < sum(hist[:3])
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -125,7 +127,8 @@ def test_keep_best_restores_the_lowest_loss_parameters():
 
     rc.eval_loss, saved = spy, rc.eval_loss
     try:
-        train_with_retry("b", fwd, [group], x, targets, [{}] * 3, TrainConfig(epochs=6, keep_best=True))
+        cfg = OmniQuantConfig(epochs=6, keep_best=True).to_reconstruct().train(3)
+        train_with_retry("b", fwd, [group], x, targets, [{}] * 3, cfg)
     finally:
         rc.eval_loss = saved
     assert len(seen) == 7 and min(seen) < seen[-1]  # the last epoch was not the best one

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..formats import QuantizedTensor
 from ..nn import QuantLinear, set_quant_state
-from .gptq import GPTQConfig, accumulate_hessian, gptq_quantize
+from .gptq import GPTQConfig, accumulate_hessian, gptq_quantize, gptq_solve
 from .rtn import rtn_quantize
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ def rtn_block(qlinears: dict[str, QuantLinear], **_: object) -> dict[str, dict]:
     for name, q in qlinears.items():
         if q.weight_quantizer is None:
             continue
-        qt = q.freeze(None if q.weight_quantizer.has_lwc else rtn_quantize(q.weight, q.weight_quantizer.spec))
+        qt = q.freeze(None if not q.weight_quantizer.is_plain else rtn_quantize(q.weight, q.weight_quantizer.spec))
         stats[name] = {"weight_rel_err": weight_error(q.weight, qt)}
     return stats
 
@@ -78,4 +78,19 @@ def gptq_block(block: nn.Module, qlinears: dict[str, QuantLinear], inputs: list[
         qt, loss = gptq_quantize(q.weight, hessians.pop(name), q.weight_quantizer.spec, cfg)
         q.freeze(qt)
         stats[name] = {"weight_rel_err": weight_error(q.weight, qt), "gptq_loss": loss}
+    return stats
+
+
+def gptq_start_block(block: nn.Module, qlinears: dict[str, QuantLinear], inputs: list[torch.Tensor],
+                     kwargs: list[dict], forward: BlockForward, cfg: GPTQConfig) -> dict[str, dict]:
+    """Run GPTQ on every layer of ``block`` and make its result the layers' start point: each weight quantizer
+    then quantizes GPTQ's error-compensated weights on GPTQ's grid (zero rounding offsets give GPTQ's codes
+    exactly), for the reconstruction trainer to refine."""
+    targets = {n: q for n, q in qlinears.items() if q.weight_quantizer is not None}
+    hessians = collect_hessians(block, targets, inputs, kwargs, forward)
+    stats = {}
+    for name, q in targets.items():
+        qt, loss, latent = gptq_solve(q.weight, hessians.pop(name), q.weight_quantizer.spec, cfg)
+        q.weight_quantizer.set_start(latent, qt.scale, qt.zero)
+        stats[name] = {"gptq_loss": loss}
     return stats

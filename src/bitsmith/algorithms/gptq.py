@@ -120,12 +120,21 @@ class _Grid:
         return self.raw if self.raw is not None else (self.scale, self.zero)
 
 
-@torch.no_grad()
 def gptq_quantize(
     w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, cfg: GPTQConfig = GPTQConfig()
 ) -> tuple[QuantizedTensor, float]:
     """Quantize ``w (out, in)`` with Hessian ``h (in, in)``; returns the frozen tensor and the summed
     GPTQ objective ``Σ (w − q)² / U_jj²`` (lower is better)."""
+    qt, loss, _ = gptq_solve(w, h, spec, cfg)
+    return qt, loss
+
+
+@torch.no_grad()
+def gptq_solve(
+    w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, cfg: GPTQConfig = GPTQConfig()
+) -> tuple[QuantizedTensor, float, torch.Tensor]:
+    """:func:`gptq_quantize`, plus the error-compensated weights ``(out, in)`` each column had when it was
+    rounded: quantizing them on the returned grid gives GPTQ's codes (a start point for learned rounding)."""
     w = w.detach().float().clone()
     h = h.detach().float().clone()
     cols = w.shape[1]
@@ -138,6 +147,7 @@ def gptq_quantize(
     w, h = w[:, perm], h[perm][:, perm]
     u = _inverse_cholesky(h, cfg.percdamp)
     q = torch.zeros_like(w)
+    latent = torch.zeros_like(w)
     loss = torch.zeros((), device=w.device)
     for i1 in range(0, cols, cfg.blocksize):
         i2 = min(i1 + cfg.blocksize, cols)
@@ -151,12 +161,13 @@ def gptq_quantize(
             col = w1[:, i]
             qc = grid.quant(col, int(perm[j]))
             q[:, j] = qc
+            latent[:, j] = col
             d = u1[i, i]
             loss += ((col - qc) ** 2).sum() / d**2
             e = (col - qc) / d
             w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
             err[:, i] = e
         w[:, i2:] -= err @ u[i1:i2, i2:]
-    q = q[:, torch.argsort(perm)]
+    inv = torch.argsort(perm)
     scale, zero = grid.qparams()
-    return spec.quantize(q, scale, zero), float(loss)
+    return spec.quantize(q[:, inv], scale, zero), float(loss), latent[:, inv]

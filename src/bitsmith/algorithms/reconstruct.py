@@ -1,8 +1,16 @@
-"""Block-wise reconstruction training (OmniQuant's loop, arXiv 2308.13137 §3.1 Eq. 1, generalised).
+"""The one block-reconstruction trainer (OmniQuant arXiv 2308.13137 §3.1 Eq. 1, SignRound arXiv 2309.05516).
 
 Minimises ``‖F(W, X) − F(Q(W; Θ), X_q)‖²`` per decoder block over pluggable learnable parameter groups
-(LWC clipping logits, LET scales/shifts, …), each with its own learning rate. One AdamW step per calibration
-batch, batches in order (no shuffling), like the official code; autocast on an accelerator, fp32 on the CPU.
+(:mod:`bitsmith.algorithms.groups`: LWC clipping, LET scales/shifts, rounding offsets), each with its own
+learning rate. The calibration set is a list of *units* (one captured batch each); one optimizer step averages
+the loss over ``batch`` units (gradient accumulation), drawn in order (OmniQuant: ``batch`` 1, epochs over the
+units) or from reshuffled cycles (SignRound's sampler). Optimisers: AdamW (OmniQuant) or signed gradient
+descent (SignRound), constant or linearly decaying learning rate. Parameters can be restored to the best
+iteration: by the step's own mini-batch loss (SignRound), or by the loss over all training units or a held-out
+slice, evaluated every ``eval_every`` steps (which also drives early stopping with ``patience``).
+
+Under ``torch.distributed`` every rank holds its own units; losses and gradients are averaged over ranks
+(:mod:`bitsmith.utils.dist`), so one step sees the global batch and every rank takes the same decisions.
 A non-finite loss raises :class:`NonFiniteLoss`; :func:`train_with_retry` restores the initial parameters and
 retries once with learning rates ÷10 before giving up with an error that names the block.
 """
@@ -12,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
@@ -23,116 +31,251 @@ from ..utils.device import autocast
 log = logging.getLogger(__name__)
 
 BlockForward = Callable[[torch.Tensor, dict], torch.Tensor]
+OPTIMIZERS = ("adamw", "signsgd")
+SCHEDULES = ("constant", "linear")
+SAMPLING = ("ordered", "random")
+BEST = ("last", "step", "eval")
 
 
 class NonFiniteLoss(RuntimeError):
     """The reconstruction loss became NaN or infinite."""
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """``epochs`` passes over the calibration batches; AdamW with ``weight_decay``; ``aug_loss`` adds the
-    official code's second target (full-precision block on the quantized inputs). ``keep_best`` evaluates the
-    loss over all batches before training and after every epoch and restores the lowest-loss parameters at the
-    end (the official code keeps the last ones, which with its constant learning rate are often not the best)."""
+class LearnableGroup(Protocol):
+    """A set of learnable tensors trained together (see :mod:`bitsmith.algorithms.groups`)."""
 
-    epochs: int = 20
-    weight_decay: float = 0.0
-    aug_loss: bool = False
-    keep_best: bool = False
+    name: str
+    lr: float
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.epochs, int) or self.epochs < 0:
-            raise ValueError(f"epochs must be a non-negative integer, got {self.epochs!r}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight decay must be ≥ 0, got {self.weight_decay}")
+    def parameters(self) -> list[nn.Parameter]: ...
+
+    def project(self) -> None:
+        """Put the parameters back into their domain after an optimizer step (e.g. clamp to [−0.5, 0.5])."""
+
+    def fold(self) -> None:
+        """Make the learned state permanent in the weights (called once, after training)."""
 
 
 @dataclass
 class ParamGroup:
-    """A named set of learnable tensors with its learning rate."""
+    """A plain named set of tensors with a learning rate (no projection, nothing to fold)."""
 
     name: str
     params: list[nn.Parameter]
     lr: float
 
+    def parameters(self) -> list[nn.Parameter]:
+        return self.params
 
-def _loss(forward: BlockForward, h: torch.Tensor, kw: dict, targets: list[torch.Tensor]) -> torch.Tensor:
+    def project(self) -> None:
+        pass
+
+    def fold(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train one block.
+
+    ``steps``: optimizer steps; ``batch``: calibration units per step (global, split over ranks);
+    ``sampling``: ``ordered`` (cycle through the units in order: ``steps = epochs × units / batch`` is
+    OmniQuant's epoch loop) or ``random`` (reshuffled cycles, SignRound); ``optimizer`` ``adamw`` or
+    ``signsgd``; ``schedule`` ``constant`` or ``linear`` (decays to 0 at the last step); ``best``:
+    ``last`` (keep the final parameters, OmniQuant), ``step`` (parameters of the lowest mini-batch loss seen,
+    SignRound) or ``eval`` (lowest loss over the training units, or over the ``holdout`` units when set,
+    evaluated before training and every ``eval_every`` steps; ``patience`` evaluations without improvement
+    stop early, 0 = never); ``holdout``: units taken from the end of the calibration set and never trained on.
+    """
+
+    steps: int = 20
+    batch: int = 1
+    sampling: str = "ordered"
+    optimizer: str = "adamw"
+    schedule: str = "constant"
+    weight_decay: float = 0.0
+    best: str = "last"
+    eval_every: int = 0
+    holdout: int = 0
+    patience: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "eval_every", "holdout", "patience", "seed"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
+        if not isinstance(self.batch, int) or self.batch < 1:
+            raise ValueError(f"batch (calibration units per step) must be a positive integer, got {self.batch!r}")
+        for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("sampling", SAMPLING),
+                              ("best", BEST)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; use one of {', '.join(allowed)}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight decay must be ≥ 0, got {self.weight_decay}")
+        if self.holdout and self.best != "eval":
+            raise ValueError("a held-out slice is judged by evaluation: set best='eval' with holdout > 0")
+
+
+class _Sampler:
+    """Unit indices for each step: in order, cycling (OmniQuant's epochs), or from reshuffled cycles
+    (SignRound's ``IndexSampler``: a cycle's incomplete tail is dropped)."""
+
+    def __init__(self, n: int, batch: int, random: bool, seed: int) -> None:
+        self.n, self.batch, self.random = n, batch, random
+        self.gen = torch.Generator().manual_seed(seed)
+        self.order: list[int] = []
+        self.pos = 0
+
+    def next(self) -> list[int]:
+        if not self.random:
+            out = [(self.pos + k) % self.n for k in range(self.batch)]
+            self.pos += self.batch
+            return out
+        if self.pos + self.batch > len(self.order):
+            self.order, self.pos = torch.randperm(self.n, generator=self.gen).tolist(), 0
+        out = self.order[self.pos: self.pos + self.batch]
+        self.pos += self.batch
+        return out
+
+
+class _SignSGD(torch.optim.Optimizer):
+    """``p ← p − lr · sign(∇p)`` (SignRound's optimiser)."""
+
+    def __init__(self, params, lr: float) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(torch.sign(p.grad), alpha=-group["lr"])
+
+
+def _unit_loss(forward: BlockForward, h: torch.Tensor, kw: dict, targets: list[torch.Tensor]) -> torch.Tensor:
     with autocast(h.device):
         out = forward(h, kw)
     return sum(torch.nn.functional.mse_loss(out.float(), t.float()) for t in targets)
 
 
-def train_block(forward: BlockForward, groups: list[ParamGroup], q_inputs: list[torch.Tensor],
+@torch.no_grad()
+def eval_loss(forward: BlockForward, q_inputs: list[torch.Tensor], targets: list[list[torch.Tensor]],
+              kwargs: list[dict], units: list[int] | None = None) -> float:
+    """Mean reconstruction loss over ``units`` (default: all), without gradients, averaged over ranks."""
+    units = range(len(q_inputs)) if units is None else units
+    vals = [float(_unit_loss(forward, q_inputs[u], kwargs[u], targets[u])) for u in units]
+    return dist.mean_scalar(sum(vals) / len(vals)) if vals else math.nan
+
+
+def _optimizer(groups: list[LearnableGroup], cfg: TrainConfig, lr_scale: float) -> torch.optim.Optimizer:
+    spec = [{"params": g.parameters(), "lr": g.lr * lr_scale} for g in groups]
+    if cfg.optimizer == "signsgd":
+        return _SignSGD(spec, lr=spec[0]["lr"])
+    return torch.optim.AdamW(spec, weight_decay=cfg.weight_decay)
+
+
+def _local_batch(cfg: TrainConfig, n_train: int) -> int:
+    world = dist.world_size()
+    if cfg.batch % world:
+        raise ValueError(f"the trainer's batch ({cfg.batch} calibration units per step) must be a multiple of "
+                         f"the number of processes ({world})")
+    return min(cfg.batch // world, n_train)
+
+
+def train_block(forward: BlockForward, groups: list[LearnableGroup], q_inputs: list[torch.Tensor],
                 targets: list[list[torch.Tensor]], kwargs: list[dict], cfg: TrainConfig,
-                lr_scale: float = 1.0) -> list[float]:
-    """Train ``groups`` in place; returns the mean loss of each epoch. ``q_inputs[b]``: ``(b, T, H)`` block
-    inputs from the quantized prefix; ``targets[b]``: the tensors the output must match for batch ``b``."""
-    groups = [g for g in groups if g.params]
-    if not groups or cfg.epochs == 0:
-        return []
-    for g in groups:
-        for p in g.params:
-            p.requires_grad_(True)
-    opt = torch.optim.AdamW([{"params": g.params, "lr": g.lr * lr_scale} for g in groups],
-                            weight_decay=cfg.weight_decay)
-    params = [p for g in groups for p in g.params]
-    best = (eval_loss(forward, q_inputs, targets, kwargs), [p.detach().clone() for p in params]) \
-        if cfg.keep_best else None
-    history = []
-    for epoch in range(cfg.epochs):
+                lr_scale: float = 1.0) -> dict:
+    """Train ``groups`` in place (then :meth:`~LearnableGroup.project`-ed, not folded).
+
+    ``q_inputs[u]``: ``(b, T, H)`` block inputs of unit ``u`` from the quantized prefix; ``targets[u]``: the
+    tensors its output must match; ``kwargs[u]``: the block's keyword arguments. Returns ``{"step_losses",
+    "eval_losses", "best_step", "steps_run"}``.
+    """
+    groups = [g for g in groups if g.parameters()]
+    n_train = len(q_inputs) - cfg.holdout
+    if n_train < 1:
+        raise ValueError(f"holdout ({cfg.holdout}) leaves no calibration units to train on "
+                         f"({len(q_inputs)} units on this process)")
+    info = {"step_losses": [], "eval_losses": [], "best_step": 0, "steps_run": 0}
+    if not groups or cfg.steps == 0:
+        return info
+    params = [p for g in groups for p in g.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = _optimizer(groups, cfg, lr_scale)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, (lambda t: max(0.0, 1.0 - t / cfg.steps)) if cfg.schedule == "linear" else (lambda t: 1.0))
+    sampler = _Sampler(n_train, _local_batch(cfg, n_train), cfg.sampling == "random", cfg.seed)
+    eval_units = list(range(n_train, len(q_inputs))) if cfg.holdout else list(range(n_train))
+    every = cfg.eval_every or max(1, math.ceil(n_train / sampler.batch))
+    best_loss, best_state, stale = math.inf, None, 0
+
+    def consider(value: float, step: int) -> bool:
+        nonlocal best_loss, best_state, stale
+        if value < best_loss:
+            best_loss, best_state, stale, info["best_step"] = value, [p.detach().clone() for p in params], 0, step
+            return True
+        stale += 1
+        return False
+
+    if cfg.best == "eval":
+        info["eval_losses"].append(eval_loss(forward, q_inputs, targets, kwargs, eval_units))
+        consider(info["eval_losses"][-1], 0)
+    for step in range(cfg.steps):
+        opt.zero_grad(set_to_none=True)
+        units = sampler.next()
         total = 0.0
-        for h, kw, tgt in zip(q_inputs, kwargs, targets):
-            opt.zero_grad(set_to_none=True)
-            loss = _loss(forward, h, kw, tgt)
-            value = dist.mean_scalar(loss.detach())  # every rank sees the same value: same decisions
-            if not math.isfinite(value):
-                raise NonFiniteLoss(f"loss {value} in epoch {epoch}")
+        for u in units:
+            loss = _unit_loss(forward, q_inputs[u], kwargs[u], targets[u]) / len(units)
             loss.backward()
-            dist.average_gradients(params)
-            opt.step()
-            total += value
-        history.append(total / len(q_inputs))
-        log.debug("epoch %d: loss %.6g", epoch, history[-1])
-        if best is not None:
-            current = eval_loss(forward, q_inputs, targets, kwargs)
-            if current < best[0]:
-                best = (current, [p.detach().clone() for p in params])
-    if best is not None:
+            total += float(loss.detach())
+        value = dist.mean_scalar(total)  # every rank sees the same value: same decisions
+        if not math.isfinite(value):
+            raise NonFiniteLoss(f"loss {value} at step {step}")
+        info["step_losses"].append(value)
+        if cfg.best == "step":
+            consider(value, step)  # the parameters that produced this loss (before the step)
+        dist.average_gradients(params)
+        opt.step()
+        sched.step()
+        for g in groups:
+            g.project()
+        info["steps_run"] = step + 1
+        if cfg.best == "eval" and ((step + 1) % every == 0 or step + 1 == cfg.steps):
+            info["eval_losses"].append(eval_loss(forward, q_inputs, targets, kwargs, eval_units))
+            consider(info["eval_losses"][-1], step + 1)
+            if cfg.patience and stale >= cfg.patience:
+                log.debug("early stop at step %d (best %d)", step + 1, info["best_step"])
+                break
+    if cfg.best == "last":
+        info["best_step"] = info["steps_run"]
+    elif best_state is not None:
         with torch.no_grad():
-            for p, saved in zip(params, best[1]):
+            for p, saved in zip(params, best_state):
                 p.copy_(saved)
-    for g in groups:
-        for p in g.params:
-            p.requires_grad_(False)
-    return history
+    for p in params:
+        p.requires_grad_(False)
+    return info
 
 
-def train_with_retry(block_name: str, forward: BlockForward, groups: list[ParamGroup], *args, **kwargs
-                     ) -> list[float]:
+def train_with_retry(block_name: str, forward: BlockForward, groups: list[LearnableGroup], *args, **kwargs
+                     ) -> dict:
     """:func:`train_block`, retried once from the initial parameters with learning rates ÷10 on a non-finite
     loss; a second failure raises ``ValueError`` naming the block (never a debugger prompt)."""
-    snapshot = [[p.detach().clone() for p in g.params] for g in groups]
+    snapshot = [[p.detach().clone() for p in g.parameters()] for g in groups]
     try:
         return train_block(forward, groups, *args, **kwargs)
     except NonFiniteLoss as first:
         log.warning("%s: %s; retrying with learning rates ÷10", block_name, first)
         with torch.no_grad():
             for g, saved in zip(groups, snapshot):
-                for p, s in zip(g.params, saved):
+                for p, s in zip(g.parameters(), saved):
                     p.copy_(s)
         try:
             return train_block(forward, groups, *args, lr_scale=0.1, **kwargs)
         except NonFiniteLoss as second:
             raise ValueError(
-                f"{block_name}: training diverged twice ({second}); lower --lwc-lr/--let-lr, use fewer epochs, "
-                "or check the model for NaN/inf weights"
+                f"{block_name}: training diverged twice ({second}); lower the learning rates (--lwc-lr/--let-lr/"
+                "--lr), train fewer steps, or check the model for NaN/inf weights"
             ) from None
-
-
-@torch.no_grad()
-def eval_loss(forward: BlockForward, q_inputs: list[torch.Tensor], targets: list[list[torch.Tensor]],
-              kwargs: list[dict]) -> float:
-    """Mean reconstruction loss without gradients (for before/after reports)."""
-    vals = [float(_loss(forward, h, kw, t)) for h, kw, t in zip(q_inputs, kwargs, targets)]
-    return dist.mean_scalar(sum(vals) / len(vals)) if vals else math.nan

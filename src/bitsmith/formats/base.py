@@ -59,6 +59,11 @@ class NumberFormat(ABC):
     def fake_quant(self, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
         """``dequantize(quantize(x))`` computed differentiably (straight-through rounding)."""
 
+    def grid_step(self, v: torch.Tensor) -> torch.Tensor:
+        """Distance between neighbouring codes around the scaled value ``v`` (``x / scale``): 1 for integer
+        grids, ``2^(e − M)`` in an FP format's binade. Learned rounding offsets are measured in this unit."""
+        return torch.ones_like(v)
+
     @abstractmethod
     def to_dict(self) -> dict:
         """JSON-serialisable description; :func:`bitsmith.formats.format_from_dict` inverts it."""

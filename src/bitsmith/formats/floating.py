@@ -88,10 +88,14 @@ class FPFormat(NumberFormat):
         ``torch.round`` rounds half to even.
         """
         a = v.abs().clamp(max=self.max_value)
-        _, e = torch.frexp(a)  # a = m · 2^e with m in [0.5, 1), so the leading bit is 2^(e − 1)
-        e = torch.clamp(e - 1, min=self.emin)
-        step = torch.ldexp(torch.ones_like(a), e - self.mbits)
+        step = self.grid_step(a)  # frexp: a = m · 2^e, m in [0.5, 1), leading bit 2^(e − 1)
         return torch.copysign(torch.round(a / step) * step, v)
+
+    def grid_step(self, v: torch.Tensor) -> torch.Tensor:
+        """Spacing ``2^(e − M)`` of the grid around ``v`` (the step :meth:`round_to_grid` rounds with)."""
+        a = v.detach().abs().clamp(max=self.max_value)
+        _, e = torch.frexp(a)
+        return torch.ldexp(torch.ones_like(a), torch.clamp(e - 1, min=self.emin) - self.mbits)
 
     def encode(self, q: torch.Tensor) -> torch.Tensor:
         """Bit patterns (uint8, low ``bits`` bits used) of on-grid values ``q``."""

@@ -117,30 +117,43 @@ class QuantSpec:
             q = q.unsqueeze(-1)
         return self.granularity.expand(q, x.shape)
 
+    def _offset(self, x: torch.Tensor, s: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+        """``x`` moved by ``offset`` grid steps (learned rounding, SignRound arXiv 2309.05516 Eq. 2:
+        ``round(x / s + V)``; for FP formats the step is the local one, :meth:`NumberFormat.grid_step`)."""
+        if offset is None:
+            return x
+        return x + offset * self.format.grid_step((x / s).detach()) * s
+
     def fake_quant(
         self,
         x: torch.Tensor,
         scale: torch.Tensor | None = None,
         zero: torch.Tensor | None = None,
+        offset: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Differentiable quantize-dequantize of ``x`` (any shape); qparams computed when not given."""
+        """Differentiable quantize-dequantize of ``x`` (any shape); qparams computed when not given.
+        ``offset`` (shape of ``x``): rounding offsets in grid steps added before rounding."""
         if scale is None:
             scale, zero = self.qparams(x)
-        return self.format.fake_quant(x, self._blocks(x, scale), self._blocks(x, zero))
+        s = self._blocks(x, scale)
+        return self.format.fake_quant(self._offset(x, s, offset), s, self._blocks(x, zero))
 
     def quantize(
         self,
         x: torch.Tensor,
         scale: torch.Tensor | None = None,
         zero: torch.Tensor | None = None,
+        offset: torch.Tensor | None = None,
     ) -> QuantizedTensor:
-        """Freeze ``x`` into codes; returned qparams are ``(rows, G)``."""
+        """Freeze ``x`` into codes (after ``offset`` grid steps, as in :meth:`fake_quant`); returned qparams
+        are ``(rows, G)``."""
         with torch.no_grad():
             if scale is None:
                 scale, zero = self.qparams(x)
             scale = scale.reshape(scale.shape[0], -1)
             zero = None if zero is None else zero.reshape(zero.shape[0], -1)
-            codes = self.format.quantize(x, self._blocks(x, scale), self._blocks(x, zero))
+            s = self._blocks(x, scale)
+            codes = self.format.quantize(self._offset(x, s, offset), s, self._blocks(x, zero))
         return QuantizedTensor(codes, scale.detach(), None if zero is None else zero.detach(), self)
 
     def dequantize(
