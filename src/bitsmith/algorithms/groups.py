@@ -16,6 +16,7 @@ folds exactly: the folded block computes what the reparametrised block computed.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..nn import QuantLinear
@@ -29,15 +30,39 @@ def _quantizers(qlinears: dict[str, QuantLinear]) -> list[tuple[QuantLinear, Wei
     return [(q, q.weight_quantizer) for q in qlinears.values() if q.weight_quantizer is not None]
 
 
+@torch.no_grad()
+def search_clip(wq: WeightQuantizer, w: torch.Tensor, lowest: float = 0.4, candidates: int = 31,
+                norm: float = 2.4) -> torch.Tensor:
+    """Per-block shrink factor ``p`` ``(rows, G, 1)`` of the min/max range minimising ``Σ |Q(W) − W|^norm``
+    over ``candidates`` values from 1 down to ``lowest`` (the GPTQ reference's ``mse`` grid search, used
+    here to start clipping strengths closer to their optimum)."""
+    spec = wq.spec
+    best_p = best_e = None
+    for p in torch.linspace(1.0, lowest, candidates, device=w.device):
+        scale, zero = spec.qparams(w, clip_min=p, clip_max=p)
+        err = spec.granularity.to_groups((spec.fake_quant(w, scale, zero) - w).abs().pow(norm)).sum(-1, True)
+        if best_e is None:
+            best_p, best_e = torch.ones_like(err), err
+        better = err < best_e
+        best_p = torch.where(better, p, best_p)
+        best_e = torch.where(better, err, best_e)
+    return best_p
+
+
 class ClipGroup:
-    """Clipping strengths ``(rows, G, 1)`` for every quantized weight of the block."""
+    """Clipping strengths ``(rows, G, 1)`` for every quantized weight of the block; ``init="mse"`` starts the
+    (linear) strengths at :func:`search_clip`'s factors instead of 1."""
 
     def __init__(self, qlinears: dict[str, QuantLinear], lr: float, param: str = "sigmoid",
-                 name: str = "clip") -> None:
+                 name: str = "clip", init: str = "minmax") -> None:
         self.name, self.lr, self.param = name, lr, param
         self.params: list[nn.Parameter] = []
         for q, wq in _quantizers(qlinears):
             wq.enable_lwc(CLIP_INIT[param], q.weight.device, param=param)
+            if init == "mse" and param == "linear":
+                p = search_clip(wq, q.weight.detach().float())
+                wq.gamma.data.copy_(p)
+                wq.beta.data.copy_(p)
             self.params += [wq.gamma, wq.beta]
 
     def parameters(self) -> list[nn.Parameter]:

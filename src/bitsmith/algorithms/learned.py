@@ -37,7 +37,8 @@ class ReconstructConfig:
 
     Groups: ``clip`` (``none``; ``sigmoid``: OmniQuant LWC logits; ``linear``: SignRound min/max scales),
     ``let`` (OmniQuant LET, initialised with ``alpha``; ``let_qk``/``let_up_down`` add those edges),
-    ``rounding`` (learned rounding offsets). ``start``: ``rtn`` or ``gptq`` (the block is first quantized by
+    ``rounding`` (learned rounding offsets); ``clip_init`` ``mse`` starts linear clipping strengths at a
+    per-block grid search of the weight error instead of 1. ``start``: ``rtn`` or ``gptq`` (the block is first quantized by
     GPTQ, whose error-compensated weights and grid the trainer refines; needs ``clip`` none and no LET).
     Training: ``epochs`` passes over the calibration batches or ``steps`` optimizer steps (one of them), each
     step averaging ``batch`` batches; ``sampling``, ``optimizer``, ``schedule``, ``best``, ``eval_every``,
@@ -47,6 +48,7 @@ class ReconstructConfig:
     """
 
     clip: str = "linear"
+    clip_init: str = "minmax"
     let: bool = False
     rounding: bool = True
     start: str = "rtn"
@@ -72,6 +74,8 @@ class ReconstructConfig:
     def __post_init__(self) -> None:
         if self.clip not in CLIPS:
             raise ValueError(f"unknown clip parametrisation {self.clip!r}; use one of {', '.join(CLIPS)}")
+        if self.clip_init not in ("minmax", "mse") or (self.clip_init == "mse" and self.clip != "linear"):
+            raise ValueError(f"clip_init must be 'minmax' or 'mse' (mse needs clip 'linear'), got {self.clip_init!r}")
         if self.start not in STARTS:
             raise ValueError(f"unknown start point {self.start!r}; use one of {', '.join(STARTS)}")
         if self.start == "gptq" and (self.clip != "none" or self.let):
@@ -134,7 +138,7 @@ def reconstruct_block(block_name: str, qlinears: dict[str, QuantLinear], edges: 
     if cfg.let and edges:
         groups.append(LETGroup(edges, edge_stats, cfg.alpha, cfg.let_lr))
     if cfg.clip != "none":
-        groups.append(ClipGroup(qlinears, clip_lr, cfg.clip))
+        groups.append(ClipGroup(qlinears, clip_lr, cfg.clip, init=cfg.clip_init))
     if cfg.rounding:
         groups.append(RoundingGroup(qlinears, round_lr))
     before = eval_loss(forward, q_inputs, targets, kwargs)

@@ -159,13 +159,57 @@ def _unit_loss(forward: BlockForward, h: torch.Tensor, kw: dict, targets: list[t
     return sum(torch.nn.functional.mse_loss(out.float(), t.float()) for t in targets)
 
 
+def _same(a, b) -> bool:
+    """Structural equality of keyword arguments (tensors compared by value)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape \
+            and bool(torch.equal(a, b))
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
+class _Batches:
+    """Loss over several units: one forward on the units stacked along the batch axis when they are single
+    sequences with identical keyword arguments (checked once against unit-by-unit outputs), else a mean of
+    per-unit losses. Both are the mean of the per-unit MSEs (equal-sized units)."""
+
+    def __init__(self, forward: BlockForward, q_inputs: list[torch.Tensor], targets: list[list[torch.Tensor]],
+                 kwargs: list[dict]) -> None:
+        self.forward, self.x, self.t, self.kw = forward, q_inputs, targets, kwargs
+        self.stack = len(q_inputs) > 1 and all(h.shape == q_inputs[0].shape and h.shape[0] == 1 for h in q_inputs) \
+            and all(_same(k, kwargs[0]) for k in kwargs[1:])
+        if self.stack:
+            with torch.no_grad():
+                one = torch.cat([forward(h, kwargs[0]) for h in q_inputs[:2]])
+                both = forward(torch.cat(q_inputs[:2]), kwargs[0])
+            self.stack = both.shape == one.shape and bool(torch.allclose(both, one, rtol=1e-4, atol=1e-5))
+
+    def loss(self, units: list[int]) -> torch.Tensor:
+        if self.stack and len(units) > 1:
+            h = torch.cat([self.x[u] for u in units])
+            tg = [torch.cat([self.t[u][k] for u in units]) for k in range(len(self.t[units[0]]))]
+            return _unit_loss(self.forward, h, self.kw[units[0]], tg)
+        return sum(_unit_loss(self.forward, self.x[u], self.kw[u], self.t[u]) for u in units) / len(units)
+
+
 @torch.no_grad()
 def eval_loss(forward: BlockForward, q_inputs: list[torch.Tensor], targets: list[list[torch.Tensor]],
-              kwargs: list[dict], units: list[int] | None = None) -> float:
-    """Mean reconstruction loss over ``units`` (default: all), without gradients, averaged over ranks."""
-    units = range(len(q_inputs)) if units is None else units
-    vals = [float(_unit_loss(forward, q_inputs[u], kwargs[u], targets[u])) for u in units]
-    return dist.mean_scalar(sum(vals) / len(vals)) if vals else math.nan
+              kwargs: list[dict], units: list[int] | None = None, batches: "_Batches | None" = None,
+              chunk: int = 1) -> float:
+    """Mean reconstruction loss over ``units`` (default: all), without gradients, averaged over ranks;
+    ``chunk`` units per forward when ``batches`` can stack them."""
+    units = list(range(len(q_inputs))) if units is None else list(units)
+    if not units:
+        return math.nan
+    if batches is None:
+        vals = [float(_unit_loss(forward, q_inputs[u], kwargs[u], targets[u])) for u in units]
+        return dist.mean_scalar(sum(vals) / len(vals))
+    total = sum(float(batches.loss(units[i:i + chunk])) * len(units[i:i + chunk])
+                for i in range(0, len(units), chunk))
+    return dist.mean_scalar(total / len(units))
 
 
 def _optimizer(groups: list[LearnableGroup], cfg: TrainConfig, lr_scale: float) -> torch.optim.Optimizer:
@@ -219,18 +263,16 @@ def train_block(forward: BlockForward, groups: list[LearnableGroup], q_inputs: l
         stale += 1
         return False
 
+    batches = _Batches(forward, q_inputs, targets, kwargs)
+    evaluate = lambda: eval_loss(forward, q_inputs, targets, kwargs, eval_units, batches, sampler.batch)  # noqa: E731
     if cfg.best == "eval":
-        info["eval_losses"].append(eval_loss(forward, q_inputs, targets, kwargs, eval_units))
+        info["eval_losses"].append(evaluate())
         consider(info["eval_losses"][-1], 0)
     for step in range(cfg.steps):
         opt.zero_grad(set_to_none=True)
-        units = sampler.next()
-        total = 0.0
-        for u in units:
-            loss = _unit_loss(forward, q_inputs[u], kwargs[u], targets[u]) / len(units)
-            loss.backward()
-            total += float(loss.detach())
-        value = dist.mean_scalar(total)  # every rank sees the same value: same decisions
+        loss = batches.loss(sampler.next())
+        loss.backward()
+        value = dist.mean_scalar(float(loss.detach()))  # every rank sees the same value: same decisions
         if not math.isfinite(value):
             raise NonFiniteLoss(f"loss {value} at step {step}")
         info["step_losses"].append(value)
@@ -243,7 +285,7 @@ def train_block(forward: BlockForward, groups: list[LearnableGroup], q_inputs: l
             g.project()
         info["steps_run"] = step + 1
         if cfg.best == "eval" and ((step + 1) % every == 0 or step + 1 == cfg.steps):
-            info["eval_losses"].append(eval_loss(forward, q_inputs, targets, kwargs, eval_units))
+            info["eval_losses"].append(evaluate())
             consider(info["eval_losses"][-1], step + 1)
             if cfg.patience and stale >= cfg.patience:
                 log.debug("early stop at step %d (best %d)", step + 1, info["best_step"])
