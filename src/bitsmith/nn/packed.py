@@ -8,8 +8,11 @@ Storage per layer (buffers):
 * ``scale``: ``(out, G)`` in the model dtype (or ``(1, 1)`` per tensor); ``zero``: ``(out, G)`` uint8 codes
   (asymmetric integer formats only).
 
-The forward is the reference CPU path: unpack, dequantize, ``F.linear``. It is bit-exact with the frozen
-QuantLinear's weight.
+The reference forward (:meth:`PackedLinear.reference_forward`) unpacks, dequantizes and calls ``F.linear``; it is
+bit-exact with the frozen QuantLinear's weight. On an accelerator with Triton installed (``pip install -e
+".[gpu]"``), 4-bit INT layers (asymmetric or symmetric; per tensor, per channel, or power-of-two groups ≥ 16,
+ragged last group included) run the fused dequantize-matmul of :mod:`bitsmith.nn.kernels.w4_triton` instead
+(fp32 accumulation, same result up to rounding); :meth:`PackedLinear.kernel_path` says which path an input takes.
 
 Optional LoRC factors (ZeroQuant-V2, arXiv 2303.08302; :mod:`bitsmith.algorithms.lorc`), attached by
 :meth:`PackedLinear.set_lorc`: ``A (out, r)`` and ``B (r, in)``, each stored as a float buffer (``lorc_a``,
@@ -26,6 +29,7 @@ from torch import nn
 
 from ..formats import E2M1, IntFormat, QuantizedTensor, QuantSpec
 from ..formats.packing import pack_fp4, pack_int, storage_bits, unpack_fp4, unpack_int
+from .kernels import W4_DTYPES, w4_available, w4_group_size
 
 
 def _offset(spec: QuantSpec) -> int:
@@ -134,8 +138,35 @@ class PackedLinear(nn.Module):
         return self.unpack().dequantize(self.scale.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel_path(x) == "w4-triton":
+            return self._w4_forward(x)
+        return self.reference_forward(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Unpack, dequantize (LoRC folded in), ``F.linear``; x ``(..., in)`` → ``(..., out)``."""
         w = self.effective_weight().to(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def kernel_path(self, x: torch.Tensor) -> str:
+        """``"w4-triton"`` when ``forward(x)`` runs the fused W4 kernel (supported layout, fp16/bf16/fp32 input
+        on a device Triton runs on, no gradient needed), else ``"reference"``."""
+        group = w4_group_size(self.spec, self.out_features, self.in_features, self.scale, self.zero)
+        if group is None or x.dtype not in W4_DTYPES or (x.requires_grad and torch.is_grad_enabled()):
+            return "reference"
+        return "w4-triton" if w4_available(x.device) else "reference"
+
+    def _w4_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Fused kernel for ``x · Ŵᵀ``; LoRC as a skinny second product ``(x · Bᵀ) · Aᵀ``, then the bias."""
+        from .kernels.w4_triton import w4_linear
+
+        group = w4_group_size(self.spec, self.out_features, self.in_features, self.scale, self.zero)
+        y = w4_linear(x.reshape(-1, self.in_features), self.qweight, self.scale, self.zero, group,
+                      _offset(self.spec)).reshape(*x.shape[:-1], self.out_features)
+        factors = self.lorc_factors()
+        if factors is not None:
+            a, b = (f.dequantize(x.dtype) if isinstance(f, QuantizedTensor) else f.to(x.dtype) for f in factors)
+            y = y + F.linear(F.linear(x, b), a)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def storage_bits(self, scale_bits: int = 16) -> int:
         """Logical storage of codes + scales + zeros (zeros at the code width) + LoRC factors, without bias."""
