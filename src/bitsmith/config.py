@@ -22,6 +22,7 @@ from .formats import QuantSpec, spec_from_dict
 CONFIG_VERSION = 1
 METHODS = ("bitsmith", "rtn", "gptq", "omniquant", "autoround", "smoothquant", "awq")
 DEFAULT_METHOD = "bitsmith"
+CALIB_ORDERS = ("random", "file")  # bitsmith.data.calibration_samples(order=...); config may not import data
 LEARNED = {"autoround": AUTOROUND, "bitsmith": BITSMITH}  # methods whose recipe is a ReconstructConfig preset
 NESTED = {"gptq": GPTQConfig, "omniquant": OmniQuantConfig, "smoothquant": SmoothQuantConfig, "awq": AWQConfig,
           "reconstruct": ReconstructConfig}
@@ -53,6 +54,7 @@ class QuantConfig:
     nsamples: int = 128
     seqlen: int = 2048
     seed: int = 0
+    calib_order: str = "random"
     batch_size: int = 1
     lorc_rank: int = 0
     lorc_bits: int | None = None
@@ -68,6 +70,8 @@ class QuantConfig:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if self.nsamples % self.batch_size:
             raise ValueError(f"nsamples ({self.nsamples}) must be a multiple of batch_size ({self.batch_size})")
+        if self.calib_order not in CALIB_ORDERS:
+            raise ValueError(f"unknown calib_order {self.calib_order!r}; use one of: {', '.join(CALIB_ORDERS)}")
         _check_lorc(self)
         if self.method in LEARNED and self.reconstruct is None:
             object.__setattr__(self, "reconstruct", LEARNED[self.method])
@@ -110,6 +114,7 @@ class QuantConfig:
             "nsamples": self.nsamples,
             "seqlen": self.seqlen,
             "seed": self.seed,
+            "calib_order": self.calib_order,
             "batch_size": self.batch_size,
             "lorc_rank": self.lorc_rank,
             "lorc_bits": self.lorc_bits,
@@ -174,7 +179,8 @@ def _nested(cls_: type, value: Any, key: str) -> Any:
 
 
 def _check_types(d: dict[str, Any]) -> None:
-    types = {"method": str, "calib": str, "nsamples": int, "seqlen": int, "seed": int, "batch_size": int}
+    types = {"method": str, "calib": str, "nsamples": int, "seqlen": int, "seed": int, "batch_size": int,
+             "calib_order": str}
     types["lorc_rank"] = int
     for key, typ in types.items():
         if key in d and (not isinstance(d[key], typ) or isinstance(d[key], bool)):

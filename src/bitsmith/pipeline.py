@@ -25,9 +25,12 @@ from .formats import QuantizedTensor, QuantSpec
 from .models import Architecture, block_forward, capture_block_inputs, find_linears, get_blocks
 from .models.kvcache import enable_kv_quant
 from .models.let import consumer_names, let_edges
+from .models.streaming import BlockStream
 from .nn import QuantLinear, quant_linears, set_quant_state, to_fake
 from .transforms import collect_input_stats, collect_inputs
+from .utils import dist
 from .utils.device import empty_cache, peak_memory_bytes, reset_peak_memory
+from .utils.memory import MemoryMeter, as_store, copy_like, new_like
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,7 @@ class QuantResult:
     lorc: dict[str, LoRCFactors] = field(default_factory=dict)
     blocks: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    memory: dict = field(default_factory=dict)
 
 
 def _spec_fn(config: QuantConfig):
@@ -52,12 +56,16 @@ def _spec_fn(config: QuantConfig):
 def _mse(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     num = sum(float((x.float() - y.float()).pow(2).sum()) for x, y in zip(a, b))
     den = sum(x.numel() for x in a)
+    num, den = dist.sum_scalars([num, den])  # over all ranks' samples under torch.distributed
     return num / max(den, 1)
 
 
 @torch.no_grad()
 def _outputs(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
-    return [block_forward(block, h, kw) for h, kw in zip(hidden, kwargs)]
+    out = new_like(hidden)  # an offloaded store keeps the outputs where it keeps the inputs
+    for h, kw in zip(hidden, kwargs):
+        out.append(block_forward(block, h, kw))
+    return out
 
 
 def quantize_block(block: nn.Module, config: QuantConfig, hidden: list[torch.Tensor], kwargs: list[dict],
@@ -78,7 +86,9 @@ def quantize_block(block: nn.Module, config: QuantConfig, hidden: list[torch.Ten
     elif config.method == "awq" and config.weight is not None:
         edges, consumers = _edges(block, arch, model_config, hidden[0].device, shift=False, qk=False,
                                   up_down=True)
-        with collect_inputs(consumers, config.awq.max_tokens) as edge_inputs:
+        rows = dist.local_row_budget(config.awq.max_tokens, hidden[0].shape[1],
+                                     len(hidden) * hidden[0].shape[0])  # this rank's part of the global rows
+        with collect_inputs(consumers, rows) as edge_inputs:
             fp_out = _outputs(block, hidden, kwargs)
         stats = awq_block(qlinears, edges, edge_inputs, config.awq)
     elif config.method == "smoothquant":
@@ -106,7 +116,7 @@ def quantize_block(block: nn.Module, config: QuantConfig, hidden: list[torch.Ten
 def check_finite_weights(model: nn.Module) -> None:
     """Refuse a model whose parameters hold NaN/inf, naming the first such tensor (before calibration)."""
     for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
+        if not p.is_meta and not torch.isfinite(p).all():  # streamed weights are checked as they are read
             raise ValueError(f"model weight {name} contains NaN or inf; the checkpoint is corrupt, re-export it "
                              "from a good copy")
 
@@ -179,32 +189,51 @@ def finalize_block(block: nn.Module, prefix: str) -> dict[str, QuantizedTensor]:
 
 
 def quantize_model(model: nn.Module, arch: Architecture, config: QuantConfig, calib: torch.Tensor,
-                   device: torch.device, progress: bool = True, checkpoint: Checkpoint | None = None
-                   ) -> QuantResult:
-    """Quantize ``model`` in place. ``calib``: calibration token ids ``(nsamples, seqlen)``.
+                   device: torch.device, progress: bool = True, checkpoint: Checkpoint | None = None,
+                   stream: BlockStream | None = None, meter: MemoryMeter | None = None, offload: str = "device",
+                   offload_dir: str | None = None) -> QuantResult:
+    """Quantize ``model`` in place. ``calib``: calibration token ids ``(nsamples, seqlen)``; under
+    ``torch.distributed`` the same full set on every rank, of which each takes its share here
+    (:func:`bitsmith.utils.dist.shard_samples`; ``config.batch_size`` is global).
 
     With ``checkpoint``, every finished block is recorded there and blocks it already holds are restored
     instead of recomputed (their outputs are recomputed to feed the next block), so a killed run resumes.
+    With ``stream`` (a model streamed from disk, :mod:`bitsmith.models.streaming`), block ``i`` is materialised by
+    ``stream.load(i)`` when its turn comes and handed to ``stream.done`` when finished. ``offload``: where the
+    calibration activations live (``device``, ``host`` or ``disk`` under ``offload_dir``; see
+    :class:`bitsmith.utils.memory.ActivationStore`). ``meter`` records per-block wall time and peak host /
+    accelerator memory (``result.blocks``) and the overall peaks (``result.memory``).
     """
     start = time.perf_counter()
+    calib, local_batch = dist.shard_samples(calib, config.batch_size)  # this rank's share (all of it alone)
+    dist.barrier()  # rank 0 may have just replaced the checkpoint folder (--overwrite)
     done = checkpoint.blocks_done() if checkpoint is not None else 0
-    if checkpoint is not None and done == 0:
+    if dist.sum_scalars([done])[0] != done * dist.world_size():  # also: all have read it before rank 0 resets it
+        raise ValueError(f"the processes see different checkpoints in {checkpoint.folder}; put the output on a "
+                         "file system every process sees")
+    if checkpoint is not None and done == 0 and dist.is_main():
         checkpoint.reset()
     elif done:
         log.warning("resuming: %d finished blocks restored from %s", done, checkpoint.folder)
     if config.kv is not None:  # before capture: the attention masks depend on the attention implementation
         enable_kv_quant(model, arch, config.kv)
     check_finite_weights(model)
-    inputs = capture_block_inputs(model, arch, calib, device, batch_size=config.batch_size)
-    hidden = inputs.hidden
-    _check_finite(hidden, "the embeddings' outputs")
-    fp_hidden = list(hidden) if config.learned() is not None else None  # trained methods target the fp model
+    inputs = capture_block_inputs(model, arch, calib, device, batch_size=local_batch)
+    _check_finite(inputs.hidden, "the embeddings' outputs")
+    hidden = as_store(inputs.hidden, device, offload, offload_dir)
+    inputs = inputs.with_hidden([])  # ``hidden`` holds them now (possibly off the device)
+    fp_hidden = copy_like(hidden) if config.learned() is not None else None  # trained methods target the fp model
     result = QuantResult()
     blocks = get_blocks(model, arch)
-    bar = tqdm(list(enumerate(blocks)), desc=f"{config.method} {config.label}", disable=not progress, unit="block")
+    bar = tqdm(list(enumerate(blocks)), desc=f"{config.method} {config.label}",
+               disable=not progress or not dist.is_main(), unit="block")
+    meter = meter or MemoryMeter(device)
     for i, block in bar:
         t0 = time.perf_counter()
+        meter.start()
         reset_peak_memory(device)
+        if stream is not None:
+            block = stream.load(i)
         home = next(block.parameters()).device
         block.to(device)
         prefix = f"{arch.layers}.{i}"
@@ -218,17 +247,20 @@ def quantize_model(model: nn.Module, arch: Architecture, config: QuantConfig, ca
             frozen = finalize_block(block, prefix)
             result.lorc.update(lorc)
             result.frozen.update(frozen)
-            if checkpoint is not None:
+            if checkpoint is not None and dist.is_main():
                 checkpoint.save_block(i, block.state_dict(), frozen, lorc, stats)
         if fp_hidden is not None:
             fp_hidden = fp_out
         block.to(home)
+        if stream is not None:
+            stream.done(i, block, result)
         empty_cache(device)
         result.blocks.append({"block": i, **stats, "seconds": time.perf_counter() - t0,
-                              "peak_memory_mb": peak_memory_bytes(device) / 2**20})
+                              "peak_memory_mb": peak_memory_bytes(device) / 2**20, **meter.stop()})
         bar.set_postfix(mse=f"{stats['output_mse']:.3g}")
         log.debug("block %d: output MSE %.4g", i, stats["output_mse"])
     result.seconds = time.perf_counter() - start
+    result.memory = meter.summary()
     return result
 
 

@@ -210,3 +210,22 @@ def test_autoround_recipe_lowers_block_error_below_rtn():
                                                    **common), calib, torch.device("cpu"), progress=False)
     assert ar.blocks[0]["output_mse"] < rtn.blocks[0]["output_mse"]
     assert ar.blocks[0]["loss_final"] <= ar.blocks[0]["loss_init"]
+
+
+def test_mse_clip_search_picks_the_lowest_error_factor_per_block():
+    from bitsmith.algorithms.groups import search_clip
+
+    w = torch.randn(6, 64, generator=torch.Generator().manual_seed(7))
+    w[0, 0] = 12.0  # an outlier: row 0 gains from clipping
+    spec = QuantSpec(IntFormat(2), PerGroup(32))
+    wq = WeightQuantizer(spec, tuple(w.shape))
+    p = search_clip(wq, w)
+    assert p.shape == (6, 2, 1) and p[0, 0] < 1.0
+
+    def err(factor):
+        s, z = spec.qparams(w, clip_min=factor, clip_max=factor)
+        return spec.granularity.to_groups((spec.fake_quant(w, s, z) - w).abs().pow(2.4)).sum(-1, True)
+
+    best = err(p)
+    for f in torch.linspace(1.0, 0.4, 31):
+        assert (best <= err(f) + 1e-6).all()

@@ -153,11 +153,23 @@ def test_existing_output_refused_unless_overwrite(tmp_path, capsys, aidreams, sa
     out = tmp_path / "exists"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    args = ["quantize", aidreams, "--calib", samples, "--nsamples", "4", "--seqlen", "128", "-o", str(out), "-q"]
+    args = ["quantize", aidreams, "--method", "rtn", "--calib", samples, "--nsamples", "4", "--seqlen", "128",
+            "-o", str(out), "-q"]
     assert main(args) == 2
     assert "--overwrite" in capsys.readouterr().err and (out / "keep.txt").exists()
     assert main([*args, "--overwrite"]) == 0
     assert (out / "bitsmith.json").exists() and not (out / "keep.txt").exists()
+
+
+def test_default_method_is_the_bitsmith_recipe_and_flags_override_it(tmp_path, aidreams, samples):
+    out = tmp_path / "d"
+    assert main(["quantize", aidreams, "--wbits", "3", "--calib", samples, "--nsamples", "4", "--seqlen", "64",
+                 "--steps", "3", "--holdout", "1", "-o", str(out), "-q"]) == 0
+    r = json.loads((out / "bitsmith.json").read_text())["recipe"]
+    assert r["method"] == "bitsmith" and r["reconstruct"]["rounding"] and r["reconstruct"]["optimizer"] == "signsgd"
+    assert r["reconstruct"]["steps"] == 3 and r["reconstruct"]["holdout"] == 1 and r["reconstruct"]["best"] == "eval"
+    assert main(["quantize", aidreams, "--method", "autoround", "--start", "gptq", "--calib", samples,
+                 "-o", str(tmp_path / "bad"), "-q"]) == 2 and not (tmp_path / "bad").exists()
 
 
 def test_recipe_file_with_flag_override(tmp_path, aidreams, samples):

@@ -4,6 +4,9 @@ For every equivalence edge (norm → linears, v → o, up → down) and α on a 
 (normalised by ``sqrt(max s · min s)``), and the consumers' output error ``‖(X ⊘ s)·Q(W ⊙ s)ᵀ − X·Wᵀ‖²`` on the
 calibration inputs ``X`` of the edge (AWQ §3.2, Eq. 5); the best α's scales are folded through the shared
 equivalence edges and the weights are then rounded to nearest. Built on the same edges as OmniQuant's LET.
+
+Under ``torch.distributed`` the search is data-parallel: each rank evaluates every α on its own rows of ``X``
+and the mean ``|X|`` and the squared errors are summed over ranks, so every rank picks the global best α.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 
 from ..nn import QuantLinear
 from ..transforms import Edge, fold_edges
+from ..utils import dist
 from .block import rtn_block
 
 log = logging.getLogger(__name__)
@@ -53,19 +57,21 @@ def _consumer_error(x: torch.Tensor, s: torch.Tensor, edge: Edge) -> float:
 def search_scale(edge: Edge, x: torch.Tensor, cfg: AWQConfig) -> tuple[torch.Tensor, float]:
     """Best scale vector of ``edge`` (length ``edge.dim``) for consumer input ``x (n, C)``; returns (s, α)."""
     cons = next(s for s in edge.sites if s.role == "cols_mul")
-    mean = x.abs().mean(dim=0)
+    rows = dist.sum_scalars([x.shape[0]])[0]  # under torch.distributed: mean and errors over all ranks' rows
+    mean = dist.all_reduce_sum_(x.abs().sum(dim=0)) / max(rows, 1.0)
     if cons.map is not None:  # columns sharing a scale entry (GQA): average them
         m = cons.map.to(x.device)
         mean = torch.zeros(edge.dim, device=x.device).index_add_(0, m, mean) / torch.bincount(
             m, minlength=edge.dim).clamp(min=1)
-    best = (float("inf"), torch.ones(edge.dim, device=x.device), 0.0)
+    scales = []
     for k in range(cfg.grid):
-        alpha = k / cfg.grid
-        s = mean.clamp(min=1e-4).pow(alpha)
-        s = s / (s.max() * s.min()).sqrt()
-        err = _consumer_error(x, s, edge)
+        s = mean.clamp(min=1e-4).pow(k / cfg.grid)
+        scales.append(s / (s.max() * s.min()).sqrt())
+    errors = dist.sum_scalars([_consumer_error(x, s, edge) for s in scales])  # one collective per edge
+    best = (float("inf"), torch.ones(edge.dim, device=x.device), 0.0)
+    for k, (s, err) in enumerate(zip(scales, errors)):
         if err < best[0]:
-            best = (err, s, alpha)
+            best = (err, s, k / cfg.grid)
     return best[1], best[2]
 
 

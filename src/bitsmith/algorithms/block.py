@@ -15,6 +15,7 @@ from torch import nn
 
 from ..formats import QuantizedTensor
 from ..nn import QuantLinear, set_quant_state
+from ..utils import dist
 from .gptq import GPTQConfig, accumulate_hessian, gptq_quantize, gptq_solve
 from .rtn import rtn_quantize
 
@@ -44,7 +45,8 @@ def rtn_block(qlinears: dict[str, QuantLinear], **_: object) -> dict[str, dict]:
 def collect_hessians(block: nn.Module, qlinears: dict[str, QuantLinear], inputs: list[torch.Tensor],
                      kwargs: list[dict], forward: BlockForward) -> dict[str, torch.Tensor]:
     """``H = 2/N Σ x xᵀ`` of every QuantLinear's input over all calibration batches (full-precision weights;
-    inputs pass through the layer's activation quantizer when it has one)."""
+    inputs pass through the layer's activation quantizer when it has one; under ``torch.distributed``, over
+    every rank's batches: the result is the same on all ranks)."""
     acc: dict[str, tuple[torch.Tensor | None, int]] = {n: (None, 0) for n in qlinears}
     hooks = []
     for name, q in qlinears.items():
@@ -61,10 +63,31 @@ def collect_hessians(block: nn.Module, qlinears: dict[str, QuantLinear], inputs:
     finally:
         for hk in hooks:
             hk.remove()
+    acc = _reduce_hessians(acc, qlinears)
     missing = [n for n, (hm, _) in acc.items() if hm is None]
     if missing:
         raise RuntimeError(f"no calibration input reached {', '.join(missing)}; the block's forward skipped them")
     return {n: hm for n, (hm, _) in acc.items()}
+
+
+def _reduce_hessians(acc: dict[str, tuple[torch.Tensor | None, int]], qlinears: dict[str, QuantLinear]
+                     ) -> dict[str, tuple[torch.Tensor | None, int]]:
+    """Under ``torch.distributed``: every rank's ``H_r = 2/N_r Σ x xᵀ`` → the global ``Σ_r N_r H_r / Σ_r N_r``
+    on every rank (a no-op in one process)."""
+    if dist.world_size() == 1:
+        return acc
+    counts = dist.sum_scalars([n for _, n in acc.values()])
+    out = {}
+    for (name, (h, n)), total in zip(acc.items(), counts):
+        if total == 0:
+            out[name] = (None, 0)
+            continue
+        if h is None:  # this rank's share never reached the layer: it still takes part in the sum
+            cols = qlinears[name].in_features
+            h = torch.zeros(cols, cols, device=qlinears[name].weight.device, dtype=torch.float32)
+        dist.all_reduce_sum_(h.mul_(n)).div_(total)
+        out[name] = (h, int(total))
+    return out
 
 
 def gptq_block(block: nn.Module, qlinears: dict[str, QuantLinear], inputs: list[torch.Tensor],
@@ -73,12 +96,34 @@ def gptq_block(block: nn.Module, qlinears: dict[str, QuantLinear], inputs: list[
     (all layers of a block see full-precision block inputs, as in llm-compressor's sequential pipeline)."""
     targets = {n: q for n, q in qlinears.items() if q.weight_quantizer is not None}
     hessians = collect_hessians(block, targets, inputs, kwargs, forward)
+    solved = {}
+    owners = dist.assign_owners({n: gptq_cost(q.out_features, q.in_features) for n, q in targets.items()})
+    for name, q in targets.items():  # under torch.distributed each rank solves the layers it owns …
+        h = hessians.pop(name)
+        if owners[name] == dist.rank():
+            solved[name] = gptq_quantize(q.weight, h, q.weight_quantizer.spec, cfg)
     stats = {}
-    for name, q in targets.items():
-        qt, loss = gptq_quantize(q.weight, hessians.pop(name), q.weight_quantizer.spec, cfg)
+    for name, q in targets.items():  # … and the owner's result reaches every rank (one process: all owned)
+        qt, loss = _from_owner(solved.get(name), owners[name], q)
         q.freeze(qt)
         stats[name] = {"weight_rel_err": weight_error(q.weight, qt), "gptq_loss": loss}
     return stats
+
+
+def gptq_cost(out_features: int, in_features: int) -> float:
+    """Relative cost of one GPTQ solve: the column sweep ``out·in²`` plus the Cholesky factorisations ``in³``."""
+    return float(in_features) ** 2 * (out_features + in_features)
+
+
+def _from_owner(result: tuple[QuantizedTensor, float] | None, owner: int, q: QuantLinear
+                ) -> tuple[QuantizedTensor, float]:
+    """Rank ``owner``'s frozen tensor and loss on every rank (returned as is in one process)."""
+    if dist.world_size() == 1:
+        return result
+    qt, loss = result if result is not None else (None, None)
+    parts = None if qt is None else [qt.codes, qt.scale, qt.zero]
+    (codes, scale, zero), loss = dist.broadcast_tensors(parts, owner, q.weight.device, extra=loss)
+    return (qt if qt is not None else QuantizedTensor(codes, scale, zero, q.weight_quantizer.spec)), loss
 
 
 def gptq_start_block(block: nn.Module, qlinears: dict[str, QuantLinear], inputs: list[torch.Tensor],

@@ -78,7 +78,8 @@ class ParamGroup:
 class TrainConfig:
     """How to train one block.
 
-    ``steps``: optimizer steps; ``batch``: calibration units per step (global, split over ranks);
+    ``steps``: optimizer steps; ``batch``: calibration units per step (under torchrun a unit is each rank's
+    slice of one global calibration batch);
     ``sampling``: ``ordered`` (cycle through the units in order: ``steps = epochs × units / batch`` is
     OmniQuant's epoch loop) or ``random`` (reshuffled cycles, SignRound); ``optimizer`` ``adamw`` or
     ``signsgd``; ``schedule`` ``constant`` or ``linear`` (decays to 0 at the last step); ``best``:
@@ -220,11 +221,9 @@ def _optimizer(groups: list[LearnableGroup], cfg: TrainConfig, lr_scale: float) 
 
 
 def _local_batch(cfg: TrainConfig, n_train: int) -> int:
-    world = dist.world_size()
-    if cfg.batch % world:
-        raise ValueError(f"the trainer's batch ({cfg.batch} calibration units per step) must be a multiple of "
-                         f"the number of processes ({world})")
-    return min(cfg.batch // world, n_train)
+    """Units per step on this process. Under torchrun every rank holds as many units as one process would,
+    each unit being this rank's slice of a global calibration batch, so the count is not divided."""
+    return min(cfg.batch, n_train)
 
 
 def train_block(forward: BlockForward, groups: list[LearnableGroup], q_inputs: list[torch.Tensor],

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .. import __version__
+from . import scale
 
 log = logging.getLogger("bitsmith.cli")
 
@@ -41,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="local model folder (config.json + safetensors)")
     q.add_argument("--output", "-o", required=True, help="output folder (refused if it exists, see --overwrite)")
     q.add_argument("--recipe", default=None, help="JSON recipe file; explicit flags override its values")
-    q.add_argument("--method", choices=["rtn", "gptq", "omniquant", "smoothquant", "awq"], default=None)
+    q.add_argument("--method", choices=["bitsmith", "rtn", "gptq", "omniquant", "autoround", "smoothquant", "awq"],
+                   default=None, help="weight algorithm (default: bitsmith, the default learned recipe)")
     q.add_argument("--wbits", type=int, default=None, help="weight bits (16 = leave weights; default 4)")
     q.add_argument("--abits", type=int, default=None, help="activation bits (default 16 = not quantized)")
     q.add_argument("--group-size", type=int, default=None, help="weight group size (default: per channel)")
@@ -56,7 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 128)")
     q.add_argument("--seqlen", type=int, default=None, help="tokens per calibration window (default 2048)")
     q.add_argument("--seed", type=int, default=None)
-    q.add_argument("--batch-size", type=int, default=None)
+    q.add_argument("--calib-order", choices=["random", "file"], default=None,
+                   help="calibration windows drawn at random with --seed (default), or the first --nsamples "
+                        "lines/windows in file order")
+    q.add_argument("--batch-size", type=int, default=None,
+                   help="calibration samples per batch / training step (default 1); under torchrun the global "
+                        "count, split over the processes")
     q.add_argument("--percdamp", type=float, default=None, help="GPTQ dampening (default 0.01)")
     q.add_argument("--actorder", action="store_true", default=None, help="GPTQ act-order")
     q.add_argument("--static-groups", action="store_true", default=None, help="GPTQ: group qparams up front")
@@ -76,6 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="restore each block's lowest-loss epoch instead of the last (not in the official code)")
     o.add_argument("--alpha", type=float, default=None,
                    help="SmoothQuant migration strength (LET init for omniquant; the method for smoothquant; 0.5)")
+    r = q.add_argument_group("block reconstruction (methods bitsmith and autoround; defaults: the method's recipe)")
+    r.add_argument("--steps", type=int, default=None, help="optimizer steps per block (bitsmith/autoround: 200)")
+    r.add_argument("--lr", type=float, default=None, help="learning rate of rounding/clipping (default 1/steps)")
+    r.add_argument("--start", choices=["rtn", "gptq"], default=None,
+                   help="start point the trainer refines (bitsmith: gptq, autoround: rtn)")
+    r.add_argument("--holdout", type=int, default=None,
+                   help="calibration batches held out to pick the best step and stop early (default 0)")
+    r.add_argument("--patience", type=int, default=None,
+                   help="evaluations without improvement before stopping a block early (default 0 = never)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     q.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from OUTPUT.partial (same settings and data)")
@@ -83,14 +99,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--ppl-limit", type=int, default=None, help="evaluate only the first N windows")
     q.add_argument("--pack", action="store_true",
                    help="also write quantized.safetensors + quantization.json (packed codes; bitsmith.load)")
+    scale.add_arguments(q)  # --stream, --max-memory, --offload-dir, --max-shard-size
     _add_common(q)
 
-    e = sub.add_parser("eval", help="perplexity of a model folder or a bitsmith output folder")
+    e = sub.add_parser("eval", help="perplexity / lm-eval task accuracy of a model folder or a bitsmith output folder")
     e.add_argument("model")
-    e.add_argument("--ppl", default="wikitext2", help="comma-separated datasets or paths (default wikitext2)")
+    e.add_argument("--ppl", default=None,
+                   help="comma-separated datasets or paths (default wikitext2 unless --tasks is given)")
     e.add_argument("--seqlen", type=int, default=2048)
-    e.add_argument("--limit", type=int, default=None, help="evaluate only the first N windows")
+    e.add_argument("--limit", type=int, default=None,
+                   help="evaluate only the first N windows (perplexity) / N examples per task (--tasks)")
     e.add_argument("--batch-size", type=int, default=1)
+    e.add_argument("--tasks", default=None,
+                   help="comma-separated lm-evaluation-harness tasks, e.g. hellaswag,arc_easy (needs .[lmeval])")
+    e.add_argument("--num-fewshot", type=int, default=None, help="lm-eval few-shot examples (default: the task's)")
+    e.add_argument("--tasks-dir", default=None, help="folder of custom lm-eval task YAMLs (lm-eval --include_path)")
     e.add_argument("--json", default=None, help="write the results to this JSON file")
     _add_common(e)
 
@@ -102,9 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="convert a bitsmith --pack output folder to another checkpoint format")
     x.add_argument("model", help="bitsmith output folder made with quantize --pack")
-    x.add_argument("--format", required=True, choices=["compressed-tensors"], help="target checkpoint format")
-    x.add_argument("--output", "-o", required=True, help="output folder (refused if it exists, see --overwrite)")
-    x.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    x.add_argument("--format", required=True, choices=["compressed-tensors", "gguf"],
+                   help="target checkpoint format (gguf: llama.cpp, LLaMA-family models)")
+    x.add_argument("--output", "-o", required=True,
+                   help="output folder, or for gguf a .gguf file path (refused if it exists, see --overwrite)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output folder or file")
     x.add_argument("--strict", action="store_true",
                    help="refuse layers the format cannot store instead of leaving them dense")
     _add_common(x)
@@ -124,12 +149,40 @@ def _spec_from_flags(bits: int | None, fmt_name: str, group: int | None, sym: bo
     return QuantSpec(fmt, gran, "none" if activation else constraint)
 
 
+def _reconstruct_flags(args: argparse.Namespace, base: dict[str, Any]) -> None:
+    """Method default (bitsmith) and the block-reconstruction flags, applied to the method's recipe."""
+    import dataclasses
+
+    from ..config import DEFAULT_METHOD, LEARNED
+
+    method = base.setdefault("method", DEFAULT_METHOD)
+    if method not in LEARNED:
+        base.pop("reconstruct", None)
+        return
+    from_recipe = bool(base.get("reconstruct"))
+    rec = dict(base.get("reconstruct") or dataclasses.asdict(LEARNED[method]))
+    if args.let is not None:
+        rec["let"] = args.let
+    elif method == "bitsmith" and not from_recipe and (args.abits or 16) < 16 and not rec.get("start") == "gptq":
+        rec["let"] = True  # weight-activation: the default learns OmniQuant's LET too (recorded in the recipe)
+    if args.epochs is not None:
+        rec.update(epochs=args.epochs, steps=0)
+    for flag in ("steps", "lr", "start", "holdout", "patience"):
+        if getattr(args, flag) is not None:
+            rec[flag] = getattr(args, flag)
+            if flag == "steps":
+                rec["epochs"] = 0
+    if rec.get("holdout"):
+        rec["best"] = "eval"
+    base["reconstruct"] = rec
+
+
 def config_from_args(args: argparse.Namespace):
     """Build the QuantConfig: recipe file values, overridden by flags given on the command line."""
     from ..config import QuantConfig
 
     base: dict[str, Any] = QuantConfig.load(args.recipe).to_dict() if args.recipe else {}
-    for key in ("method", "calib", "nsamples", "seqlen", "seed", "batch_size"):
+    for key in ("method", "calib", "nsamples", "seqlen", "seed", "calib_order", "batch_size"):
         if getattr(args, key) is not None:
             base[key] = getattr(args, key)
     gptq = dict(base.get("gptq", {}))
@@ -143,6 +196,7 @@ def config_from_args(args: argparse.Namespace):
             base["lorc_bits"] = None
     if args.lorc_bits is not None:
         base["lorc_bits"] = None if args.lorc_bits == 16 else args.lorc_bits
+    _reconstruct_flags(args, base)
     omni = dict(base.get("omniquant", {}))
     for flag, key in (("lwc", "lwc"), ("let", "let"), ("epochs", "epochs"), ("lwc_lr", "lwc_lr"),
                       ("let_lr", "let_lr"), ("wd", "weight_decay"), ("aug_loss", "aug_loss"), ("alpha", "alpha"),
@@ -209,13 +263,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from ..models import get_architecture, load_model
     from ..models.kvcache import disable_kv_quant
     from ..pipeline import quantize_model
+    from ..utils import dist
     from ..utils.device import resolve_device
 
     t_start = time.perf_counter()
     config = config_from_args(args)
+    dist.check_shardable(config.nsamples, config.batch_size, dist.env_world_size())  # torchrun: global batches
     check_output_dir(args.output, args.overwrite)
-    device = resolve_device(args.device)
-    model, tokenizer = load_model(args.model)
+    device = dist.init_from_env(resolve_device(args.device))  # torchrun: join the process group, pick a device
+    run = scale.ScaleRun(args, device)  # memory meter (baseline RSS) and limits, from here on
+    model, tokenizer = run.open_model(args.model)  # streamed from disk (meta skeleton) or loaded whole
     arch = get_architecture(model)
     _check_seqlen(model, config.seqlen)
     if config.weight is not None:
@@ -226,19 +283,31 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
         for name, lin in _block_linears(model, arch):
             check_rank(config.lorc_rank, lin.out_features, lin.in_features, name)
+    run.check_memory(config, model, arch)  # a block that cannot fit fails here; activation placement decided
     calib = calibration_samples(config.calib, tokenizer, config.nsamples, config.seqlen, seed=config.seed,
-                                data_dir=args.data_dir)
+                                data_dir=args.data_dir, order=config.calib_order)
     torch.manual_seed(config.seed)
     ckpt = _checkpoint(args, config, calib)
     sizes = _size_summary(config, model, arch)  # before quantizing: block linears are still plain nn.Linear
-    result = quantize_model(model, arch, config, calib, device, progress=not args.quiet, checkpoint=ckpt)
+    result = quantize_model(model, arch, config, calib, device, progress=not args.quiet, checkpoint=ckpt,
+                            **run.pipeline_kwargs(ckpt.folder))
+    writes = dist.is_main()
+    dist.teardown()  # torchrun: the ranks agree on every weight now; rank 0 alone evaluates and writes
+    if not writes:
+        return 0
     report: dict[str, Any] = {
         "bitsmith_version": __version__, "source_model": str(Path(args.model).resolve()),
         "label": config.label, "recipe": config.to_dict(), "seconds": round(result.seconds, 3),
         "blocks": result.blocks, **sizes,
     }
     names = _split(args.ppl)
-    if names:
+
+    def amend(folder):  # once the weights are written: streamed --ppl on them, then the run's memory peaks
+        ppl = {} if not names or run.source is None else {"ppl": run.streamed_ppl(
+            folder, names, config.seqlen, args.ppl_limit, config.to_dict(), not args.quiet)}
+        return {**ppl, **run.report()}  # peak host RSS / accelerator memory overall, streaming and memory plan
+
+    if names and run.source is None:
         report["ppl"] = _evaluate(model, tokenizer, names, config.seqlen, args.ppl_limit, 1, device,
                                   args.data_dir, not args.quiet)
         model.to("cpu")
@@ -247,21 +316,23 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from ..eval.report import write_reports
 
     writer = write_reports
-    if getattr(args, "pack", False):  # the packed checkpoint goes into the temporary folder too (atomic output)
+    if getattr(args, "pack", False) and run.source is None:  # (streamed: packed block by block already)
         from ..export.packed import save_packed
 
         def writer(folder, body):
             write_reports(folder, body)
             save_packed(model, result.frozen, result.lorc, folder)
-    save_quantized(model, tokenizer, args.output, report, overwrite=args.overwrite, extra_writer=writer)
+    save_quantized(model, tokenizer, args.output, report, overwrite=args.overwrite, extra_writer=writer,
+                   streamed=run.streamed, amend=amend)
     ckpt.remove()
-    _print_summary(config.label, result.blocks, report.get("ppl"), result.seconds)
+    _print_summary(config.label, result.blocks, report.get("ppl"), result.seconds, run.meter.summary())
     return 0
 
 
 def _checkpoint(args: argparse.Namespace, config, calib):
     """The run's checkpoint folder ``OUTPUT.partial``: resumed with --resume, replaced with --overwrite."""
     from ..checkpoint import Checkpoint, fingerprint
+    from ..utils import dist
 
     out = Path(args.output)
     folder = out.with_name(out.name + ".partial")
@@ -271,7 +342,8 @@ def _checkpoint(args: argparse.Namespace, config, calib):
         if not args.overwrite:
             raise UsageError(f"an interrupted run left {folder}; pass --resume to continue it or --overwrite "
                              "to start over")
-        ckpt.remove()
+        if dist.is_main():  # torchrun: one rank removes it; quantize_model waits for it
+            ckpt.remove()
     if args.resume and not folder.exists():
         log.warning("--resume: no checkpoint at %s; starting from the first block", folder)
     return ckpt
@@ -323,32 +395,58 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.seqlen < 2:
         raise UsageError(f"--seqlen must be at least 2, got {args.seqlen}")
-    names = _split(args.ppl)
-    if not names:
+    tasks = _split(args.tasks)
+    if args.tasks is not None and not tasks:
+        raise UsageError("--tasks needs at least one lm-eval task name")
+    if not tasks and (args.num_fewshot is not None or args.tasks_dir is not None):
+        raise UsageError("--num-fewshot and --tasks-dir apply to lm-eval tasks; add --tasks NAME[,NAME]")
+    names = _split(args.ppl) if args.ppl is not None or tasks else ["wikitext2"]
+    if args.ppl is not None and not names:
         raise UsageError("--ppl needs at least one dataset name or path")
+    if tasks:
+        from ..eval.lm_harness import require_lm_eval
+
+        require_lm_eval()  # before loading anything
     device = resolve_device(args.device)
     model, tokenizer = load_model(args.model)
-    _check_seqlen(model, args.seqlen)
+    if names:
+        _check_seqlen(model, args.seqlen)
     report = read_report(args.model)
     recipe = (report or {}).get("recipe", {})
     if recipe.get("act"):
         apply_activation_quant(model, get_architecture(model), spec_from_dict(recipe["act"]))
     if recipe.get("kv"):
         enable_kv_quant(model, get_architecture(model), spec_from_dict(recipe["kv"]))
-    ppl = _evaluate(model, tokenizer, names, args.seqlen, args.limit, args.batch_size, device, args.data_dir,
-                    not args.quiet)
-    body = {"ppl": ppl, "seqlen": args.seqlen, "model": str(args.model)}
+    body: dict[str, Any] = {"model": str(args.model)}
+    if tasks:  # first: a missing task or its data fails before the perplexity runs
+        from ..eval.lm_harness import evaluate_tasks
+
+        body["tasks"] = evaluate_tasks(model, tokenizer, tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+                                       batch_size=args.batch_size, tasks_dir=args.tasks_dir, device=device)
+        body.update(num_fewshot=args.num_fewshot, limit=args.limit)
+    if names:
+        body["ppl"] = _evaluate(model, tokenizer, names, args.seqlen, args.limit, args.batch_size, device,
+                                args.data_dir, not args.quiet)
+        body["seqlen"] = args.seqlen
     if args.json:
         Path(args.json).write_text(json.dumps(body, indent=2) + "\n")
-    for name, v in ppl.items():
+    for name, v in body.get("ppl", {}).items():
         print(f"{name}\t{v:.4f}")
+    for task, metrics in body.get("tasks", {}).items():
+        print(f"{task}\t" + "\t".join(f"{k}={v:.4f}" if k != "samples" else f"{k}={v:.0f}"
+                                        for k, v in metrics.items()))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ..export.compressed import export_compressed_tensors
+    if args.format == "gguf":
+        from ..export.gguf import export_gguf
 
-    export_compressed_tensors(args.model, args.output, overwrite=args.overwrite, strict=args.strict)
+        export_gguf(args.model, args.output, overwrite=args.overwrite, strict=args.strict)
+    else:
+        from ..export.compressed import export_compressed_tensors
+
+        export_compressed_tensors(args.model, args.output, overwrite=args.overwrite, strict=args.strict)
     print(f"wrote {args.format} checkpoint to {args.output}")
     return 0
 
@@ -357,29 +455,43 @@ def _split(s: str | None) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()] if s else []
 
 
-def _print_summary(label: str, blocks: list[dict], ppl: dict | None, seconds: float) -> None:
-    """Per-block table: output error, mean weight error, reconstruction loss (trained methods), time, memory."""
+def _print_summary(label: str, blocks: list[dict], ppl: dict | None, seconds: float,
+                   memory: dict | None = None) -> None:
+    """Per-block table: output error, mean weight error, reconstruction loss (trained methods), time, peak host
+    RSS and peak accelerator memory; then the run's overall peaks."""
     trained = any("loss_final" in b for b in blocks)
+    accel = any(b.get("peak_accelerator_mb") is not None for b in blocks)
     head = f"{'block':>5}  {'output MSE':>12}  {'mean weight err':>15}"
-    print(head + (f"  {'loss init → final':>23}" if trained else "") + f"  {'seconds':>8}  {'peak MB':>8}")
+    print(head + (f"  {'loss init → final':>23}" if trained else "") + f"  {'seconds':>8}  {'RSS MB':>8}"
+          + (f"  {'accel MB':>8}" if accel else ""))
     for b in blocks:
         errs = [s["weight_rel_err"] for s in b["layers"].values()]
         mean = sum(errs) / len(errs) if errs else float("nan")
         row = f"{b['block']:>5}  {b['output_mse']:>12.4g}  {mean:>15.4g}"
         if trained:
             row += f"  {b.get('loss_init', float('nan')):>10.4g} → {b.get('loss_final', float('nan')):<10.4g}"
-        print(row + f"  {b['seconds']:>8.2f}  {b.get('peak_memory_mb', float('nan')):>8.0f}")
-    peak = max((b.get("peak_memory_mb", 0.0) for b in blocks), default=0.0)
-    print(f"{label}: {len(blocks)} blocks in {seconds:.1f} s, peak memory {peak:.0f} MB")
+        rss = b.get("peak_rss_mb", b.get("peak_memory_mb", float("nan")))
+        row += f"  {b['seconds']:>8.2f}  {rss:>8.0f}"
+        print(row + (f"  {b.get('peak_accelerator_mb') or 0.0:>8.0f}" if accel else ""))
+    if memory:
+        acc = memory.get("peak_accelerator_mb")
+        print(f"{label}: {len(blocks)} blocks in {seconds:.1f} s, peak host RSS {memory['peak_rss_mb']:.0f} MB "
+              f"(start {memory['baseline_rss_mb']:.0f} MB)" + ("" if acc is None else f", peak accelerator {acc:.0f} MB"))
+    else:
+        peak = max((b.get("peak_memory_mb", 0.0) for b in blocks), default=0.0)
+        print(f"{label}: {len(blocks)} blocks in {seconds:.1f} s, peak memory {peak:.0f} MB")
     for name, v in (ppl or {}).items():
         print(f"{name} perplexity: {v:.4f}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ..utils import dist
     from ..utils.logging import setup_logging
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if dist.env_rank() > 0:  # under torchrun only rank 0 shows progress and information
+        args.quiet = True
     setup_logging(-1 if args.quiet else args.verbose)
     if args.quiet:
         from transformers.utils import logging as hf_logging

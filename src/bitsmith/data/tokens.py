@@ -25,6 +25,8 @@ from .sources import ResolvedSource, resolve_source
 
 log = logging.getLogger(__name__)
 
+CALIB_ORDERS = ("random", "file")  # calibration_samples(order=...)
+
 
 def load_tokens(source: str | Path, split: str, tokenizer: Any = None, data_dir: str | Path | None = None, *,
                 max_tokens: int | None = None) -> torch.LongTensor:
@@ -45,21 +47,32 @@ def load_tokens(source: str | Path, split: str, tokenizer: Any = None, data_dir:
 
 
 def calibration_samples(source: str | Path, tokenizer: Any, nsamples: int, seqlen: int, seed: int = 0,
-                        data_dir: str | Path | None = None, split: str = "train") -> torch.LongTensor:
-    """``nsamples`` random windows of ``seqlen`` tokens: a LongTensor of shape ``(nsamples, seqlen)``.
+                        data_dir: str | Path | None = None, split: str = "train",
+                        order: str = "random") -> torch.LongTensor:
+    """``nsamples`` windows of ``seqlen`` tokens: a LongTensor of shape ``(nsamples, seqlen)``.
 
-    Randomness comes from a local ``random.Random(seed)`` (the global RNGs are untouched). Text and ragged data:
-    GPTQ's sampler, a window starting at ``randint(0, N - seqlen - 1)`` of the joined stream. Pre-tokenized
-    ``.jsonl`` whose every line holds at least ``seqlen`` ids: each window is the first ``seqlen`` ids of a line
-    (so it starts where the sequence starts, e.g. at BOS), lines drawn without replacement while they last.
+    ``order="random"`` (default): randomness comes from a local ``random.Random(seed)`` (the global RNGs are
+    untouched). Text and ragged data: GPTQ's sampler, a window starting at ``randint(0, N - seqlen - 1)`` of the
+    joined stream. Pre-tokenized ``.jsonl`` whose every line holds at least ``seqlen`` ids: each window is the
+    first ``seqlen`` ids of a line (so it starts where the sequence starts, e.g. at BOS), lines drawn without
+    replacement while they last. ``order="file"``: no randomness, the same windows in file order: the first
+    ``seqlen`` ids of the first ``nsamples`` lines (the official OmniQuant runner's protocol), or for text and
+    ragged data the first ``nsamples`` consecutive windows of the stream.
     """
     _check_positive(nsamples=nsamples, seqlen=seqlen)
+    if order not in CALIB_ORDERS:
+        raise DataError(f"unknown calibration order {order!r}; use one of {', '.join(CALIB_ORDERS)}")
     src = resolve_source(source, split, data_dir)
     docs = read_documents(_need_tokenizer(src, tokenizer))
     rng = random.Random(seed)
     if docs.ids is not None and min(map(len, docs.ids)) >= seqlen:
+        if order == "file":
+            return _first_lines(docs.ids, nsamples, seqlen, src)
         return _line_windows(docs.ids, nsamples, seqlen, rng)
-    return _stream_windows(_stream(docs, src, tokenizer), nsamples, seqlen, rng)
+    stream = _stream(docs, src, tokenizer)
+    if order == "file":
+        return _first_windows(stream, nsamples, seqlen)
+    return _stream_windows(stream, nsamples, seqlen, rng)
 
 
 def eval_windows(tokens: torch.Tensor, seqlen: int, limit: int | None = None) -> torch.LongTensor:
@@ -112,6 +125,21 @@ def _line_windows(lines: list[list[int]], nsamples: int, seqlen: int, rng: rando
     while len(order) < nsamples:  # every line once per round, in a fresh random order
         order += rng.sample(range(len(lines)), len(lines))
     return torch.tensor([lines[i][:seqlen] for i in order[:nsamples]], dtype=torch.long)
+
+
+def _first_lines(lines: list[list[int]], nsamples: int, seqlen: int, src: ResolvedSource) -> torch.LongTensor:
+    if len(lines) < nsamples:
+        raise DataError(f"{src.describe()} has {len(lines)} lines but calibration order 'file' takes the first "
+                        f"{nsamples}; use --nsamples ≤ {len(lines)} or more data")
+    return torch.tensor([line[:seqlen] for line in lines[:nsamples]], dtype=torch.long)
+
+
+def _first_windows(tokens: torch.Tensor, nsamples: int, seqlen: int) -> torch.LongTensor:
+    if tokens.numel() < nsamples * seqlen:
+        raise DataError(f"not enough calibration tokens: calibration order 'file' takes {nsamples} consecutive "
+                        f"windows of {seqlen} = {nsamples * seqlen} tokens, have {tokens.numel()}; use fewer "
+                        f"--nsamples, a shorter --seqlen or more data")
+    return tokens[: nsamples * seqlen].reshape(nsamples, seqlen).clone()
 
 
 def _stream_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, rng: random.Random) -> torch.LongTensor:

@@ -51,22 +51,43 @@ def atomic_folder(dest: Path) -> Iterator[Path]:
 
 def save_quantized(model: nn.Module, tokenizer: Any, out: str | Path, report: dict[str, Any],
                    overwrite: bool = False,
-                   extra_writer: Callable[[Path, dict[str, Any]], None] | None = None) -> Path:
+                   extra_writer: Callable[[Path, dict[str, Any]], None] | None = None,
+                   streamed: Any = None, amend: Callable[[Path], dict[str, Any]] | None = None) -> Path:
     """Write ``model`` (safetensors), its tokenizer (if any) and ``report`` as ``bitsmith.json`` to ``out``.
 
     ``extra_writer(folder, body)`` writes further files (e.g. ``report.json/md/png``) into the temporary folder
-    before it is renamed into place, so they appear atomically with the model."""
+    before it is renamed into place, so they appear atomically with the model. ``streamed``: a
+    :class:`~bitsmith.export.shards.StreamedRun` whose blocks are already written; its shards are moved in instead of
+    ``model.save_pretrained`` (``model`` is then the meta skeleton; its config files are written the same way).
+    ``amend(folder)``: called once the weights are in the temporary folder; its entries are added to ``report``
+    (e.g. the perplexity of the written model)."""
     out = check_output_dir(out, overwrite)
     with atomic_folder(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if streamed is None:
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            streamed.finish_into(tmp)
+            _save_configs(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if amend is not None:
+            report.update(amend(tmp))
         body = {"version": REPORT_VERSION, **report}
         (tmp / REPORT_NAME).write_text(json.dumps(body, indent=2) + "\n")
         if extra_writer is not None:
             extra_writer(tmp, body)
     log.info("wrote %s", out)
     return out
+
+
+def _save_configs(model: nn.Module, folder: Path) -> None:
+    """``config.json`` (+ ``generation_config.json``) as ``save_pretrained`` writes them, without the weights."""
+    config = model.config
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(folder)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and model.can_generate():
+        generation.save_pretrained(folder)
 
 
 def read_report(folder: str | Path) -> dict[str, Any] | None:
