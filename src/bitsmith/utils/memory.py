@@ -338,3 +338,4 @@ def trim_host_memory() -> bool:
         return bool(libc.malloc_trim(0))
     except (OSError, AttributeError):
         return False
+
