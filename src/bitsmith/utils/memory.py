@@ -338,4 +338,3 @@ def trim_host_memory() -> bool:
         return bool(libc.malloc_trim(0))
     except (OSError, AttributeError):
         return False
-
