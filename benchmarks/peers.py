@@ -242,6 +242,7 @@ def run_job(job: Job, fresh: bool, report_only: bool = False) -> Job:
         job.row = {"error": "not run yet"}
         return job
     shutil.rmtree(job.out, ignore_errors=True)
+    shutil.rmtree(job.out.with_name(job.out.name + ".partial"), ignore_errors=True)  # left by a killed bitsmith run
     job.out.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}

@@ -69,7 +69,8 @@ def test_block_need_counts_the_gptq_hessians_and_the_attention_scores():
                 seqlen=4, elem=4)
     rtn = block_need(**base)
     gptq = block_need(**base, gptq=True)
-    assert rtn["quantized copies"] == 1000 + 256
+    assert rtn["weights"] == 1000 and rtn["quantized copies"] == 1000 + 256
+    assert rtn["per-layer temporaries"] == 3 * 4 * 128
     assert rtn["forward (one batch)"] == 4 * (4 * 8 + 3 * 16) * 4 + 2 * 4 * 4 * 4
     # worst step: solving the first linear (in 16) with the second's Hessian (in 8) still pending
     assert (gptq["GPTQ Hessians"], gptq["GPTQ solver"]) == (4 * 8 * 8, 5 * 4 * 16 * 16 + 3 * 4 * 8 * 16)

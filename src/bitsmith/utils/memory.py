@@ -279,36 +279,38 @@ def block_need(*, weight_bytes: int, linears: Sequence[tuple[int, int]], hidden:
 
     ``weight_bytes``: the block's tensors in the compute dtype; ``linears``: ``(out, in)`` of each quantized
     linear, in the order they are solved; ``hidden``/``intermediate``/``heads``: its geometry;
-    ``batch``×``seqlen``: one calibration batch; ``elem``: bytes per activation element. Parts: the weights; the
-    quantized copies (a dequantized weight per linear plus one byte of codes per weight); one batch's forward
+    ``batch``×``seqlen``: one calibration batch; ``elem``: bytes per activation element.
+
+    Parts: the weights; the quantized copies (a dequantized weight per linear plus one byte of codes per weight;
+    the checkpoint writer later serialises as much in memory: the block's state and codes); per-layer temporaries
+    (three fp32 copies of the largest weight: error statistics, the deployable copy); one batch's forward
     intermediates (MLP, q/k/v/o, and attention scores ``b·heads·T²`` in fp32, which fused attention kernels never
-    materialise: an upper bound); then the larger of two phases: GPTQ at its worst step (the Hessians not yet solved,
-    ``in × in`` fp32 each, a block's all collected in one pass, plus the solver's workspace for the linear being
-    solved: five ``in × in`` fp32 — permuted Hessian, identity, Cholesky factor, inverse, its factor — and three
-    ``out × in`` fp32 — weight, codes, latent), or training (autograd keeps twice the forward intermediates for
-    backward; trained parameters, gradients and AdamW moments: per weight with learned rounding, else per group);
-    AWQ's collected inputs (``collected_tokens`` per linear input).
+    materialise: an upper bound); AWQ's collected inputs (``collected_tokens`` per linear input); and the larger
+    of GPTQ at its worst step (the Hessians not yet solved, ``in × in`` fp32 each, a block's all collected in one
+    pass, plus the solver's workspace for the linear being solved: five ``in × in`` fp32 — permuted Hessian,
+    identity, Cholesky factor, inverse, its factor — and three ``out × in`` fp32 — weight, codes, latent) and
+    training (autograd keeps twice the forward intermediates for backward; trained parameters, gradients and AdamW
+    moments: per weight with learned rounding, else per group).
     """
     n_weights = sum(o * i for o, i in linears)
-    parts = {"weights": weight_bytes, "quantized copies": weight_bytes + n_weights}
     tokens = batch * seqlen
-    scores = batch * heads * seqlen * seqlen * 4
     forward = tokens * (4 * hidden + 3 * intermediate) * elem
-    parts["forward (one batch)"] = forward + scores
-    phase: dict[str, int] = {}
+    work = {"quantized copies": weight_bytes + n_weights,
+            "per-layer temporaries": 3 * 4 * max([o * i for o, i in linears] + [0]),
+            "forward (one batch)": forward + batch * heads * seqlen * seqlen * 4}
+    if collected_tokens:
+        work["collected inputs"] = sum(4 * collected_tokens * i for _, i in linears)
+    algo: dict[str, int] = {}
     if gptq and linears:  # Hessians are freed one by one as their linear is solved: the peak is the worst step
         steps = [(sum(4 * i * i for _, i in linears[k + 1:]), 5 * 4 * i * i + 3 * 4 * o * i)
                  for k, (o, i) in enumerate(linears)]
         pending, solver = max(steps, key=sum)
-        phase = {"GPTQ Hessians": pending, "GPTQ solver": solver}
-    if trained:  # after any GPTQ start point (its workspace is freed): the larger phase counts
+        algo = {"GPTQ Hessians": pending, "GPTQ solver": solver}
+    if trained:  # after any GPTQ start point (its workspace is freed)
         learned = n_weights if rounding else sum(2 * o * -(-i // (group_size or i)) for o, i in linears)
         training = {"backward (saved activations)": 2 * forward, "trained parameters (+grad, AdamW)": 16 * learned}
-        phase = max(phase, training, key=lambda d: sum(d.values()))
-    parts.update(phase)
-    if collected_tokens:
-        parts["collected inputs"] = sum(4 * collected_tokens * i for _, i in linears)
-    return parts
+        algo = max(algo, training, key=lambda d: sum(d.values()))
+    return {"weights": weight_bytes, **work, **algo}
 
 
 def activation_set_bytes(nsamples: int, seqlen: int, hidden: int, elem: int) -> int:
