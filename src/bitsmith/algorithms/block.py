@@ -16,7 +16,7 @@ from torch import nn
 from ..formats import QuantizedTensor
 from ..nn import QuantLinear, set_quant_state
 from ..utils import dist
-from .gptq import GPTQConfig, accumulate_hessian, gptq_quantize, gptq_solve
+from .gptq import GPTQConfig, accumulate_hessian, gptq_solve
 from .rtn import rtn_quantize
 
 log = logging.getLogger(__name__)
@@ -94,20 +94,29 @@ def gptq_block(block: nn.Module, qlinears: dict[str, QuantLinear], inputs: list[
                kwargs: list[dict], forward: BlockForward, cfg: GPTQConfig) -> dict[str, dict]:
     """GPTQ every layer of ``block`` from Hessians gathered in one pass over the calibration inputs
     (all layers of a block see full-precision block inputs, as in llm-compressor's sequential pipeline)."""
+    stats = {}
+    for name, (q, qt, loss, _) in _solve_block(block, qlinears, inputs, kwargs, forward, cfg, False).items():
+        q.freeze(qt)
+        stats[name] = {"weight_rel_err": weight_error(q.weight, qt), "gptq_loss": loss}
+    return stats
+
+
+def _solve_block(block: nn.Module, qlinears: dict[str, QuantLinear], inputs: list[torch.Tensor],
+                 kwargs: list[dict], forward: BlockForward, cfg: GPTQConfig, latent: bool
+                 ) -> dict[str, tuple[QuantLinear, QuantizedTensor, float, torch.Tensor | None]]:
+    """GPTQ solve of every weight-quantized layer: ``name → (layer, frozen tensor, loss, error-compensated
+    weights or None)``. Under torch.distributed each rank solves the layers it owns and the owner's result
+    reaches every rank (one process: all owned)."""
     targets = {n: q for n, q in qlinears.items() if q.weight_quantizer is not None}
     hessians = collect_hessians(block, targets, inputs, kwargs, forward)
     solved = {}
     owners = dist.assign_owners({n: gptq_cost(q.out_features, q.in_features) for n, q in targets.items()})
-    for name, q in targets.items():  # under torch.distributed each rank solves the layers it owns …
+    for name, q in targets.items():
         h = hessians.pop(name)
         if owners[name] == dist.rank():
-            solved[name] = gptq_quantize(q.weight, h, q.weight_quantizer.spec, cfg)
-    stats = {}
-    for name, q in targets.items():  # … and the owner's result reaches every rank (one process: all owned)
-        qt, loss = _from_owner(solved.get(name), owners[name], q)
-        q.freeze(qt)
-        stats[name] = {"weight_rel_err": weight_error(q.weight, qt), "gptq_loss": loss}
-    return stats
+            qt, loss, w = gptq_solve(q.weight, h, q.weight_quantizer.spec, cfg)
+            solved[name] = (qt, loss, w if latent else None)
+    return {name: (q, *_from_owner(solved.get(name), owners[name], q)) for name, q in targets.items()}
 
 
 def gptq_cost(out_features: int, in_features: int) -> float:
@@ -115,15 +124,15 @@ def gptq_cost(out_features: int, in_features: int) -> float:
     return float(in_features) ** 2 * (out_features + in_features)
 
 
-def _from_owner(result: tuple[QuantizedTensor, float] | None, owner: int, q: QuantLinear
-                ) -> tuple[QuantizedTensor, float]:
-    """Rank ``owner``'s frozen tensor and loss on every rank (returned as is in one process)."""
+def _from_owner(result: tuple[QuantizedTensor, float, torch.Tensor | None] | None, owner: int, q: QuantLinear
+                ) -> tuple[QuantizedTensor, float, torch.Tensor | None]:
+    """Rank ``owner``'s frozen tensor, loss and optional latent weights on every rank (as is in one process)."""
     if dist.world_size() == 1:
         return result
-    qt, loss = result if result is not None else (None, None)
-    parts = None if qt is None else [qt.codes, qt.scale, qt.zero]
-    (codes, scale, zero), loss = dist.broadcast_tensors(parts, owner, q.weight.device, extra=loss)
-    return (qt if qt is not None else QuantizedTensor(codes, scale, zero, q.weight_quantizer.spec)), loss
+    qt, loss, latent = result if result is not None else (None, None, None)
+    parts = None if qt is None else [qt.codes, qt.scale, qt.zero, latent]
+    (codes, scale, zero, latent), loss = dist.broadcast_tensors(parts, owner, q.weight.device, extra=loss)
+    return (qt if qt is not None else QuantizedTensor(codes, scale, zero, q.weight_quantizer.spec)), loss, latent
 
 
 def gptq_start_block(block: nn.Module, qlinears: dict[str, QuantLinear], inputs: list[torch.Tensor],
@@ -131,11 +140,8 @@ def gptq_start_block(block: nn.Module, qlinears: dict[str, QuantLinear], inputs:
     """Run GPTQ on every layer of ``block`` and make its result the layers' start point: each weight quantizer
     then quantizes GPTQ's error-compensated weights on GPTQ's grid (zero rounding offsets give GPTQ's codes
     exactly), for the reconstruction trainer to refine."""
-    targets = {n: q for n, q in qlinears.items() if q.weight_quantizer is not None}
-    hessians = collect_hessians(block, targets, inputs, kwargs, forward)
     stats = {}
-    for name, q in targets.items():
-        qt, loss, latent = gptq_solve(q.weight, hessians.pop(name), q.weight_quantizer.spec, cfg)
+    for name, (q, qt, loss, latent) in _solve_block(block, qlinears, inputs, kwargs, forward, cfg, True).items():
         q.weight_quantizer.set_start(latent, qt.scale, qt.zero)
         stats[name] = {"gptq_loss": loss}
     return stats

@@ -98,9 +98,7 @@ class ReconstructConfig:
 
     def total_steps(self, units: int) -> int:
         """Optimizer steps for ``units`` calibration batches on this process (epochs × passes)."""
-        if self.epochs:
-            return self.epochs * max(1, -(-units // min(self.batch, units)))
-        return self.steps
+        return self.epochs * _steps_per_pass(units, self.batch) if self.epochs else self.steps
 
     def train(self, units: int) -> TrainConfig:
         """The trainer settings for ``units`` calibration batches."""
@@ -159,7 +157,12 @@ def reconstruct_block(block_name: str, qlinears: dict[str, QuantLinear], edges: 
             "best_step": info["best_step"], "steps_run": info["steps_run"], "layers": layers}
 
 
+def _steps_per_pass(units: int, batch: int) -> int:
+    """Optimizer steps in one pass over ``units`` calibration batches taken ``batch`` at a time."""
+    return max(1, -(-units // min(batch, units)))
+
+
 def _pass_means(losses: list[float], units: int, batch: int) -> list[float]:
     """Mean step loss per pass over the calibration batches (an epoch for OmniQuant)."""
-    per = max(1, -(-units // min(batch, units)))
+    per = _steps_per_pass(units, batch)
     return [sum(losses[i:i + per]) / len(losses[i:i + per]) for i in range(0, len(losses), per)]

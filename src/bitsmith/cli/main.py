@@ -163,7 +163,7 @@ def _reconstruct_flags(args: argparse.Namespace, base: dict[str, Any]) -> None:
     rec = dict(base.get("reconstruct") or dataclasses.asdict(LEARNED[method]))
     if args.let is not None:
         rec["let"] = args.let
-    elif method == "bitsmith" and not from_recipe and (args.abits or 16) < 16 and not rec.get("start") == "gptq":
+    elif method == "bitsmith" and not from_recipe and (args.abits or 16) < 16 and rec.get("start") != "gptq":
         rec["let"] = True  # weight-activation: the default learns OmniQuant's LET too (recorded in the recipe)
     if args.epochs is not None:
         rec.update(epochs=args.epochs, steps=0)
