@@ -161,7 +161,7 @@ def quantize_every_linear_in_autoround(restored: list[str]) -> None:
     lcr.apply_layer_config_special_cases = patched
 
 
-def run_autoround(model, tokenizer, calib: torch.Tensor, args) -> tuple[float, list[str]]:
+def run_autoround(model, tokenizer, calib: torch.Tensor, args) -> tuple[float, float, list[str]]:
     from auto_round import AutoRound, SignRoundConfig
 
     notes = []
@@ -177,15 +177,15 @@ def run_autoround(model, tokenizer, calib: torch.Tensor, args) -> tuple[float, l
         quantize_every_linear_in_autoround(restored)
     config = SignRoundConfig(iters=args.iters, **fields)
     data = [row.unsqueeze(0) for row in calib]  # pre-tokenized: a list of (1, seqlen) id tensors, in file order
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     ar = AutoRound(model, tokenizer, alg_configs=config, dataset=data, nsamples=args.nsamples, seqlen=args.seqlen,
                    batch_size=min(8, args.nsamples), device_map="cpu", amp=False, low_gpu_mem_usage=False,
                    enable_torch_compile=False)
     ar.quantize()
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     if args.all_layers:
         notes.append(f"monkeypatch restored {len(restored)} linears AutoRound would leave 16-bit")
-    return wall, notes
+    return wall, cpu, notes
 
 
 # ---- llm-compressor -----------------------------------------------------------------------------------------
@@ -207,7 +207,7 @@ def llmc_scheme(args):
     return QuantizationScheme(targets=["Linear"], weights=weights, input_activations=acts)
 
 
-def run_llmc(model, tokenizer, calib: torch.Tensor, args) -> tuple[float, list[str]]:
+def run_llmc(model, tokenizer, calib: torch.Tensor, args) -> tuple[float, float, list[str]]:
     from datasets import Dataset
     from llmcompressor import oneshot
 
@@ -239,12 +239,12 @@ def run_llmc(model, tokenizer, calib: torch.Tensor, args) -> tuple[float, list[s
                          "and CPU-only torch refuses pinned memory)")
     rows = calib.tolist()
     ds = Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]})
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     oneshot(model=model, tokenizer=tokenizer, dataset=ds, recipe=recipe, max_seq_length=args.seqlen,
             num_calibration_samples=args.nsamples, shuffle_calibration_samples=False)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     materialize_llmc(model)
-    return wall, notes
+    return wall, cpu, notes
 
 
 def awq_mappings(model, ignored: list[str], notes: list[str]):
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     before = {n: m.weight.detach().clone() for n, m in block_linears(model).items()}
     runner = run_autoround if args.tool == "autoround" else run_llmc
-    wall, notes = runner(model, tokenizer, calib, args)
+    wall, cpu, notes = runner(model, tokenizer, calib, args)
     after = {n: linear_weight(model, n) for n in before}
     quantized = [n for n in before if not torch.equal(before[n], after[n])]
     left = [n for n in before if n not in quantized]
@@ -332,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     save_fake_quantized(model, args.model, out)
     check = saved_logits_diff(model, out, calib[:2]) if args.abits >= 16 else None
     versions = {k: version(k) for k in ("torch", "transformers", "auto-round", "llmcompressor", "compressed-tensors")}
-    body = {"tool": args.tool, "wall_s": round(wall, 3), "iters": args.iters if args.tool == "autoround" else None,
+    body = {"tool": args.tool, "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
+            "iters": args.iters if args.tool == "autoround" else None,
             "all_layers": bool(args.all_layers), "calib_sha256": tensor_sha256(calib),
             "calib_shape": list(calib.shape), "quantized": quantized, "left_16bit": left,
             "max_levels": max(levels.values(), default=0),

@@ -257,10 +257,11 @@ def run_job(job: Job, fresh: bool, report_only: bool = False) -> Job:
         row["error"] = f"exit {proc.returncode}: {tail[0][:300]}"
     elif TOOLS[job.tool].peer is None:
         rep = json.loads((job.out / "report.json").read_text())
-        row.update(wall_s=rep["seconds"], label=rep.get("label"), recipe=rep.get("recipe"))
+        row.update(wall_s=rep["seconds"], cpu_s=rep.get("cpu_seconds"), label=rep.get("label"),
+                   recipe=rep.get("recipe"))
     else:
         peer = json.loads(proc.stdout.strip().splitlines()[-1])
-        row.update(wall_s=peer["wall_s"], peer=peer)
+        row.update(wall_s=peer["wall_s"], cpu_s=peer.get("cpu_s"), peer=peer)
     job.row = row
     if "error" not in row:
         done.write_text(json.dumps(row, indent=2) + "\n")
@@ -326,7 +327,8 @@ def table(jobs: list[Job], fp32: dict[str, float], args) -> str:
     lines = []
     for model in args.models:
         lines += [f"### {model} (fp32 PPL {fp32[model]:.4f})", "",
-                  "| setting | tool / recipe | PPL | PPL / fp32 | wall s | notes |", "|---|---|---:|---:|---:|---|"]
+                  "| setting | tool / recipe | PPL | PPL / fp32 | wall s | CPU s | notes |",
+                  "|---|---|---:|---:|---:|---:|---|"]
         for job in (j for j in jobs if j.model == model):
             label = TOOLS[job.tool].label
             if TOOLS[job.tool].peer == "autoround":
@@ -334,22 +336,27 @@ def table(jobs: list[Job], fp32: dict[str, float], args) -> str:
                 label += f" ({it} steps)"
             name = SETTINGS[job.setting].name
             if job.skip:
-                lines.append(f"| {name} | {label} | {job.skip} | | | |")
+                lines.append(f"| {name} | {label} | {job.skip} | | | | |")
             elif job.row.get("error") == "not run yet":
-                lines.append(f"| {name} | {label} | not run yet | | | |")
+                lines.append(f"| {name} | {label} | not run yet | | | | |")
             elif "error" in job.row:
-                lines.append(f"| {name} | {label} | n/a ({job.row['error']}) | | | |")
+                lines.append(f"| {name} | {label} | n/a ({job.row['error']}) | | | | |")
             else:
                 r = job.row
                 lines.append(f"| {name} | {label} | {r['ppl']:.4f} | {r['ppl_ratio']:.3f} | {r['wall_s']:.1f} | "
-                             f"{'; '.join(r['notes'])} |")
+                             f"{_num(r.get('cpu_s'))} | {'; '.join(r['notes'])} |")
         lines.append("")
     return "\n".join(lines)
 
 
+def _num(v: float | None) -> str:
+    return "–" if v is None else f"{v:.1f}"
+
+
 def verdict(jobs: list[Job], args) -> str:
     """Issue #12's criterion per model x setting: bitsmith default below AutoRound (every linear, its default
-    steps and equal steps) and llm-compressor GPTQ; wall time at most AutoRound's (every linear, default steps)."""
+    steps and equal steps) and llm-compressor GPTQ; wall and CPU time at most AutoRound's (every linear, default
+    steps). CPU time (the process's, one torch thread) is the fairer of the two on a shared machine."""
     by = {(j.model, j.setting, j.tool): j for j in jobs}
 
     def ppl(m, s, t):
@@ -361,7 +368,7 @@ def verdict(jobs: list[Job], args) -> str:
         return None if j is None or j.skip or "error" in j.row else j.row
 
     lines = ["| model | setting | bitsmith PPL | < AutoRound all | < AutoRound all, equal steps | < llmc GPTQ | "
-             "wall ≤ AutoRound all |", "|---|---|---:|---|---|---|---|"]
+             "wall ≤ AutoRound all | CPU time ≤ AutoRound all |", "|---|---|---:|---|---|---|---|---|"]
     for m in args.models:
         for s in args.settings:
             b = ppl(m, s, "bitsmith")
@@ -372,8 +379,11 @@ def verdict(jobs: list[Job], args) -> str:
                 o = ppl(m, s, t)
                 cells.append("–" if o is None else f"{'yes' if b['ppl'] < o['ppl'] else 'NO'} ({o['ppl']:.4f})")
             o = ppl(m, s, "autoround-all")
-            cells.append("–" if o is None else
-                         f"{'yes' if b['wall_s'] <= o['wall_s'] else 'NO'} ({b['wall_s']:.0f} vs {o['wall_s']:.0f})")
+            for key in ("wall_s", "cpu_s"):
+                if o is None or b.get(key) is None or o.get(key) is None:
+                    cells.append("–")
+                else:
+                    cells.append(f"{'yes' if b[key] <= o[key] else 'NO'} ({b[key]:.0f} vs {o[key]:.0f})")
             lines.append(f"| {m} | {SETTINGS[s].name} | {b['ppl']:.4f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -39,6 +39,7 @@ SETTINGS = {  # name -> (weight spec, activation spec)
     "W3g32sym": (QuantSpec(IntFormat(3, symmetric=True), PerGroup(32)), None),
     "W4A4": (QuantSpec(IntFormat(4), PerChannel()), QuantSpec(IntFormat(4), PerToken())),
     "W4A8fp": (QuantSpec(E2M1, PerGroup(32)), QuantSpec(E4M3, PerToken())),
+    "W4A8m1": (QuantSpec(E2M1, PerGroup(32), scale_constraint="m1"), QuantSpec(E4M3, PerToken())),  # as peers.py
 }
 
 
@@ -76,7 +77,8 @@ def main(argv: list[str]) -> None:
     ppl = perplexity(model_forward(model), _windows(data / "test.jsonl"))
     print(json.dumps({"model": model_name, "setting": setting, "method": method, "changes": changes,
                       "ppl": round(float(ppl), 4), "seconds": round(seconds, 1),
-                      "best_step": [b.get("best_step") for b in result.blocks]}), flush=True)
+                      "best_step": [b.get("best_step") for b in result.blocks],
+                      "end_to_end": result.end_to_end}), flush=True)
 
 
 if __name__ == "__main__":

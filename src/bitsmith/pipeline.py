@@ -16,13 +16,15 @@ from tqdm.auto import tqdm
 
 from .algorithms.awq import awq_block
 from .algorithms.block import gptq_block, gptq_start_block, rtn_block
+from .algorithms.e2e import tune_end_to_end
 from .algorithms.learned import reconstruct_block
 from .algorithms.lorc import LoRCFactors, collect_factors, lorc_block
 from .algorithms.smoothquant import smoothquant_block
 from .checkpoint import Checkpoint
 from .config import QuantConfig
 from .formats import QuantizedTensor, QuantSpec
-from .models import Architecture, block_forward, capture_block_inputs, find_linears, get_blocks
+from .models import (Architecture, block_forward, capture_block_inputs, final_hidden, find_linears, get_blocks,
+                     norm_parameters, resolve)
 from .models.kvcache import enable_kv_quant
 from .models.let import consumer_names, let_edges
 from .models.streaming import BlockStream
@@ -44,7 +46,9 @@ class QuantResult:
     lorc: dict[str, LoRCFactors] = field(default_factory=dict)
     blocks: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # this process's CPU time (all its threads), comparable across machine load
     memory: dict = field(default_factory=dict)
+    end_to_end: dict = field(default_factory=dict)
 
 
 def _spec_fn(config: QuantConfig):
@@ -204,7 +208,7 @@ def quantize_model(model: nn.Module, arch: Architecture, config: QuantConfig, ca
     :class:`bitsmith.utils.memory.ActivationStore`). ``meter`` records per-block wall time and peak host /
     accelerator memory (``result.blocks``) and the overall peaks (``result.memory``).
     """
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     calib, local_batch = dist.shard_samples(calib, config.batch_size)  # this rank's share (all of it alone)
     dist.barrier()  # rank 0 may have just replaced the checkpoint folder (--overwrite)
     done = checkpoint.blocks_done() if checkpoint is not None else 0
@@ -259,9 +263,45 @@ def quantize_model(model: nn.Module, arch: Architecture, config: QuantConfig, ca
                               "peak_memory_mb": peak_memory_bytes(device) / 2**20, **meter.stop()})
         bar.set_postfix(mse=f"{stats['output_mse']:.3g}")
         log.debug("block %d: output MSE %.4g", i, stats["output_mse"])
+    e2e = config.learned().end_to_end() if config.learned() is not None else None
+    if e2e is not None:
+        result.end_to_end = _end_to_end(model, arch, calib, fp_hidden, device, e2e, streamed=stream is not None)
     result.seconds = time.perf_counter() - start
+    result.cpu_seconds = time.process_time() - cpu_start
     result.memory = meter.summary()
     return result
+
+
+def _end_to_end(model: nn.Module, arch: Architecture, calib: torch.Tensor, fp_last: list[torch.Tensor],
+                device: torch.device, cfg, streamed: bool) -> dict:
+    """Tune the norms of the quantized ``model`` to the full-precision next-token distribution
+    (:mod:`bitsmith.algorithms.e2e`). ``fp_last``: the full-precision last block's outputs, one ``(b, T, H)`` per
+    unit of ``calib`` ``(n, T)`` (this rank's share), from which the teacher's log-probabilities are computed."""
+    if streamed:
+        log.warning("end-to-end norm tuning skipped: the model is streamed block by block (--stream); "
+                    "it needs the whole model on the device")
+        return {"skipped": "streamed"}
+    home = next(model.parameters()).device
+    params = norm_parameters(model, arch)
+    saved = [p.detach().clone() for p in params]
+    try:
+        model.to(device)
+        with torch.no_grad():
+            teacher_h = torch.cat([final_hidden(model, arch, h.to(device)) for h in fp_last])  # before tuning
+        head = resolve(model, arch.lm_head)
+        teacher = lambda idx: torch.log_softmax(head(teacher_h[idx]).float(), dim=-1)  # noqa: E731
+        student = lambda ids: model(input_ids=ids, use_cache=False).logits  # noqa: E731
+        return tune_end_to_end(student, teacher, params, calib.to(device), cfg)
+    except torch.OutOfMemoryError:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s.to(p.device))
+        log.warning("end-to-end norm tuning skipped: the whole model does not fit on %s for training "
+                    "(--e2e-steps 0 skips it up front)", device)
+        return {"skipped": "out of memory"}
+    finally:
+        model.to(home)
+        empty_cache(device)
 
 
 def _restore_block(block: nn.Module, config: QuantConfig, checkpoint: Checkpoint, index: int,

@@ -144,6 +144,38 @@ def test_signsgd_moves_each_parameter_by_lr_times_sign_and_projection_clamps():
     assert p.abs().max() <= 0.5  # kept in [-0.5, 0.5]
 
 
+def test_a_group_can_have_its_own_optimizer():
+    """The default trains rounding/clipping with Adam and LET with signed steps: each group's optimizer."""
+    q, x, targets, group = _toy(lr=0.2)
+    extra = torch.nn.Parameter(torch.ones(16))
+    other = ParamGroup("scale", [extra], lr=0.05, optimizer="signsgd")
+    fwd = lambda h, kw: q(h * extra)  # noqa: E731
+    grads = {}
+    extra.register_hook(lambda g: grads.setdefault("g", g.clone()))
+    p = q.weight_quantizer.offset
+    p.register_hook(lambda g: grads.setdefault("o", g.clone()))
+    cfg = TrainConfig(steps=1, batch=4, optimizer="adamw", schedule="constant")
+    train_block(fwd, [group, other], x, targets, [{}] * 4, cfg)
+    assert torch.allclose(extra, 1.0 - 0.05 * torch.sign(grads["g"]))  # signSGD step on this group
+    moved = p[grads["o"].abs() > 1e-5].abs()  # Adam's first step: lr · g/(|g| + eps) ≈ ±lr, not a sign step of 0.05
+    assert moved.numel() and torch.allclose(moved, torch.full_like(moved, 0.2), rtol=1e-3)
+
+
+def test_token_normalised_loss_divides_each_token_by_its_target_rms():
+    from bitsmith.algorithms.reconstruct import block_loss
+
+    g = torch.Generator().manual_seed(3)
+    t, o = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g)
+    rms = t.pow(2).mean(-1, keepdim=True).sqrt()
+    assert torch.allclose(block_loss(o, t, "token_mse"), ((o - t) / rms).pow(2).mean())
+    assert torch.allclose(block_loss(o, t), (o - t).pow(2).mean())
+    scale = torch.tensor([1.0, 10.0, 0.1, 3.0, 1e3]).reshape(1, 5, 1)  # per-token scales do not change it
+    assert torch.allclose(block_loss(o * scale, t * scale, "token_mse"), block_loss(o, t, "token_mse"), rtol=1e-5)
+    assert not torch.allclose(block_loss(o * scale, t * scale), block_loss(o, t))
+    with pytest.raises(ValueError, match="unknown loss"):
+        TrainConfig(loss="l1")
+
+
 def test_nan_loss_in_signsgd_training_is_reported_with_block_name():
     q, x, targets, group = _toy()
     nan = lambda h, kw: q(h) * float("nan")  # noqa: E731
@@ -197,6 +229,10 @@ def test_recipe_configs_and_json_round_trip():
     with pytest.raises(ValueError, match="applies to methods"):
         QuantConfig(method="gptq", weight=SPECS[0], reconstruct=AUTOROUND)
     assert AUTOROUND.rates(32) == (1 / 200, 1 / 200)  # SignRound's lr rule
+    assert (BITSMITH.optimizer, BITSMITH.let_optimizer, BITSMITH.loss) == ("adamw", "signsgd", "token_mse")
+    assert BITSMITH.end_to_end().steps == 50 and AUTOROUND.end_to_end() is None
+    with pytest.raises(ValueError, match="let_optimizer"):
+        ReconstructConfig(let_optimizer="sgd")
 
 
 def test_autoround_recipe_lowers_block_error_below_rtn():

@@ -164,10 +164,13 @@ def test_existing_output_refused_unless_overwrite(tmp_path, capsys, aidreams, sa
 def test_default_method_is_the_bitsmith_recipe_and_flags_override_it(tmp_path, aidreams, samples):
     out = tmp_path / "d"
     assert main(["quantize", aidreams, "--wbits", "3", "--calib", samples, "--nsamples", "4", "--seqlen", "64",
-                 "--steps", "3", "--holdout", "1", "-o", str(out), "-q"]) == 0
+                 "--steps", "3", "--holdout", "1", "--e2e-steps", "4", "-o", str(out), "-q"]) == 0
     r = json.loads((out / "bitsmith.json").read_text())["recipe"]
-    assert r["method"] == "bitsmith" and r["reconstruct"]["rounding"] and r["reconstruct"]["optimizer"] == "signsgd"
+    assert r["method"] == "bitsmith" and r["reconstruct"]["rounding"] and r["reconstruct"]["optimizer"] == "adamw"
     assert r["reconstruct"]["steps"] == 3 and r["reconstruct"]["holdout"] == 1 and r["reconstruct"]["best"] == "eval"
+    assert r["reconstruct"]["e2e_steps"] == 4 and r["reconstruct"]["loss"] == "token_mse"
+    e2e = json.loads((out / "report.json").read_text())["end_to_end"]
+    assert e2e["steps"] == 4 and e2e["kl_after"] <= e2e["kl_before"]
     assert main(["quantize", aidreams, "--method", "autoround", "--start", "gptq", "--calib", samples,
                  "-o", str(tmp_path / "bad"), "-q"]) == 2 and not (tmp_path / "bad").exists()
 

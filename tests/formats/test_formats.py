@@ -51,8 +51,10 @@ def test_fp8_matches_torch_cast_bit_for_bit(fmt, dtype):
     x = torch.cat([rand, _edge_values(fmt), torch.tensor([0.0, -0.0, 2.0**-9, 2.0**-16, fmt.max_value])])
     x = x[x.abs() <= fmt.max_value]  # beyond ±max we saturate; torch's cast is not saturating
     ref = x.to(dtype)
-    q = fmt.round_to_grid(x)
+    q = fmt.round_arithmetic(x)  # bitsmith's own rounding, against torch's cast
     assert torch.equal(q, ref.float())
+    assert torch.equal(fmt.round_to_grid(x), q)  # the fast path (torch's cast) gives the same values
+    assert torch.equal(fmt.round_to_grid(x.bfloat16()), fmt.round_arithmetic(x.bfloat16()))
     assert torch.equal(torch.signbit(q), torch.signbit(ref.float()))  # -0.0 kept
     assert torch.equal(fmt.encode(q), ref.view(torch.uint8))
 
@@ -73,6 +75,7 @@ def test_round_to_grid_matches_brute_force(fmt):
     x = torch.cat([_edge_values(fmt), torch.randn(3000, generator=g) * fmt.max_value / 3])
     x = x[x.abs() <= fmt.max_value]
     assert torch.equal(fmt.round_to_grid(x), _brute_round(fmt, x))
+    assert torch.equal(fmt.round_arithmetic(x), _brute_round(fmt, x))
 
 
 @pytest.mark.parametrize("fmt", ALL_FP, ids=lambda f: f.name)

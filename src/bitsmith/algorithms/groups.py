@@ -99,11 +99,12 @@ class RoundingGroup:
 
 
 class LETGroup:
-    """Equivalence edges of the block, registered as parametrisations of the weights they touch."""
+    """Equivalence edges of the block, registered as parametrisations of the weights they touch.
+    ``optimizer``: this group's optimizer when it differs from the trainer's (None: the trainer's)."""
 
     def __init__(self, edges: list[Edge], stats: dict[str, ChannelStats], alpha: float, lr: float,
-                 name: str = "let") -> None:
-        self.name, self.lr, self.edges = name, lr, edges
+                 name: str = "let", optimizer: str | None = None) -> None:
+        self.name, self.lr, self.edges, self.optimizer = name, lr, edges, optimizer
         for e in edges:
             st = stats.get(e.name)
             init_edge(e, None if st is None else st.absmax, alpha, None if st is None else st.mid_ema)

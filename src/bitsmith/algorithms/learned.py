@@ -22,8 +22,9 @@ import torch
 from ..nn import QuantLinear
 from ..transforms import ChannelStats, Edge
 from .block import weight_error
+from .e2e import EndToEndConfig
 from .groups import ClipGroup, LETGroup, RoundingGroup
-from .reconstruct import BlockForward, TrainConfig, eval_loss, train_with_retry
+from .reconstruct import OPTIMIZERS, BlockForward, TrainConfig, eval_loss, train_with_retry
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,12 @@ class ReconstructConfig:
     Training: ``epochs`` passes over the calibration batches or ``steps`` optimizer steps (one of them), each
     step averaging ``batch`` batches; ``sampling``, ``optimizer``, ``schedule``, ``best``, ``eval_every``,
     ``holdout``, ``patience`` as in :class:`~bitsmith.algorithms.reconstruct.TrainConfig`. Learning rates:
-    ``lr`` for the rounding offsets (None: 1/steps, SignRound's rule), ``clip_lr`` (None: ``lr``), ``let_lr``.
-    ``aug_loss``: also match the full-precision block on the quantized inputs (official OmniQuant option).
+    ``lr`` for the rounding offsets (None: 1/steps, SignRound's rule), ``clip_lr`` (None: ``lr``), ``let_lr``
+    (trained by ``let_optimizer``, None: the same optimizer).
+    ``seed``: the mini-batch sampler's seed; ``loss``: ``mse`` or ``token_mse`` (see
+    :func:`~bitsmith.algorithms.reconstruct.block_loss`). ``e2e_steps``/``e2e_lr``/``e2e_holdout``: after every
+    block, tune the norms end to end (:mod:`bitsmith.algorithms.e2e`; 0 steps: off). ``aug_loss``: also match
+    the full-precision block on the quantized inputs (official OmniQuant option).
     """
 
     clip: str = "linear"
@@ -61,6 +66,7 @@ class ReconstructConfig:
     lr: float | None = None
     clip_lr: float | None = None
     let_lr: float = 5e-3
+    let_optimizer: str | None = None
     weight_decay: float = 0.0
     aug_loss: bool = False
     alpha: float = 0.5
@@ -70,6 +76,11 @@ class ReconstructConfig:
     eval_every: int = 0
     holdout: int = 0
     patience: int = 0
+    seed: int = 0
+    loss: str = "mse"
+    e2e_steps: int = 0
+    e2e_lr: float = 1e-2
+    e2e_holdout: int = 0
 
     def __post_init__(self) -> None:
         if self.clip not in CLIPS:
@@ -87,9 +98,12 @@ class ReconstructConfig:
             v = getattr(self, name)
             if v is not None and not v > 0:
                 raise ValueError(f"{name} must be positive, got {v}")
+        if self.let_optimizer not in (None, *OPTIMIZERS):
+            raise ValueError(f"unknown let_optimizer {self.let_optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must lie in [0, 1], got {self.alpha}")
         self.train(1)  # validates the training fields
+        self.end_to_end()
 
     @property
     def learns(self) -> bool:
@@ -105,7 +119,13 @@ class ReconstructConfig:
         return TrainConfig(steps=self.total_steps(units), batch=self.batch, sampling=self.sampling,
                            optimizer=self.optimizer, schedule=self.schedule, weight_decay=self.weight_decay,
                            best=self.best, eval_every=self.eval_every, holdout=self.holdout,
-                           patience=self.patience)
+                           patience=self.patience, seed=self.seed, loss=self.loss)
+
+    def end_to_end(self) -> EndToEndConfig | None:
+        """The end-to-end norm tuning after the blocks (None when ``e2e_steps`` is 0)."""
+        cfg = EndToEndConfig(steps=self.e2e_steps, lr=self.e2e_lr, batch=self.batch, seed=self.seed,
+                             holdout=self.e2e_holdout)
+        return cfg if cfg.steps else None
 
     def rates(self, units: int) -> tuple[float, float]:
         """(rounding lr, clip lr): SignRound's rule lr = 1/steps when not given."""
@@ -117,11 +137,13 @@ class ReconstructConfig:
 
 
 AUTOROUND = ReconstructConfig()
-# The default: SignRound's groups and optimiser, twice the steps (its loss is still falling at step 200), and the
-# parameters with the lowest loss over all calibration batches (checked every 50 steps) instead of the lowest
-# mini-batch loss. Measured against AUTOROUND and the alternatives (GPTQ start, MSE-searched clipping init,
-# lr 2/steps) in benchmarks/RESULTS.md, "Default recipe".
-BITSMITH = ReconstructConfig(steps=400, best="eval", eval_every=50)
+# The default (benchmarks/RESULTS.md "Default recipe v2", README "The default recipe"): SignRound's parameter groups
+# (rounding offsets + min/max scales) trained by Adam on the token-normalised block loss, 150 steps, the parameters
+# of the lowest full-calibration loss (checked every 50 steps) kept, LET (when the CLI adds it for quantized
+# activations) by signed gradient descent, then 50 steps of end-to-end norm tuning toward the full-precision
+# model's next-token distribution.
+BITSMITH = ReconstructConfig(steps=150, optimizer="adamw", let_optimizer="signsgd", loss="token_mse", best="eval",
+                             eval_every=50, e2e_steps=50, e2e_lr=0.03)
 
 
 def reconstruct_block(block_name: str, qlinears: dict[str, QuantLinear], edges: list[Edge],
@@ -138,14 +160,14 @@ def reconstruct_block(block_name: str, qlinears: dict[str, QuantLinear], edges: 
     round_lr, clip_lr = cfg.rates(units)
     groups = []
     if cfg.let and edges:
-        groups.append(LETGroup(edges, edge_stats, cfg.alpha, cfg.let_lr))
+        groups.append(LETGroup(edges, edge_stats, cfg.alpha, cfg.let_lr, optimizer=cfg.let_optimizer))
     if cfg.clip != "none":
         groups.append(ClipGroup(qlinears, clip_lr, cfg.clip, init=cfg.clip_init))
     if cfg.rounding:
         groups.append(RoundingGroup(qlinears, round_lr))
-    before = eval_loss(forward, q_inputs, targets, kwargs)
+    before = eval_loss(forward, q_inputs, targets, kwargs, loss=cfg.loss)
     info = train_with_retry(block_name, forward, groups, q_inputs, targets, kwargs, cfg.train(units))
-    after = eval_loss(forward, q_inputs, targets, kwargs)
+    after = eval_loss(forward, q_inputs, targets, kwargs, loss=cfg.loss)
     for g in groups:
         g.fold()
     layers = {name: {"weight_rel_err": weight_error(q.weight, q.freeze())}

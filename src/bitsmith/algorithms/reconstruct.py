@@ -35,6 +35,7 @@ OPTIMIZERS = ("adamw", "signsgd")
 SCHEDULES = ("constant", "linear")
 SAMPLING = ("ordered", "random")
 BEST = ("last", "step", "eval")
+LOSSES = ("mse", "token_mse")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -58,11 +59,13 @@ class LearnableGroup(Protocol):
 
 @dataclass
 class ParamGroup:
-    """A plain named set of tensors with a learning rate (no projection, nothing to fold)."""
+    """A plain named set of tensors with a learning rate (no projection, nothing to fold); ``optimizer``: its own
+    optimizer kind when it differs from the trainer's."""
 
     name: str
     params: list[nn.Parameter]
     lr: float
+    optimizer: str | None = None
 
     def parameters(self) -> list[nn.Parameter]:
         return self.params
@@ -87,6 +90,9 @@ class TrainConfig:
     SignRound) or ``eval`` (lowest loss over the training units, or over the ``holdout`` units when set,
     evaluated before training and every ``eval_every`` steps; ``patience`` evaluations without improvement
     stop early, 0 = never); ``holdout``: units taken from the end of the calibration set and never trained on.
+    ``loss``: ``mse`` (OmniQuant, SignRound) or ``token_mse`` (each token's error divided by the RMS of its
+    target: the error as the next pre-norm block's RMSNorm/LayerNorm sees it, so tokens with large hidden
+    states do not dominate; see :func:`block_loss`).
     """
 
     steps: int = 20
@@ -100,6 +106,7 @@ class TrainConfig:
     holdout: int = 0
     patience: int = 0
     seed: int = 0
+    loss: str = "mse"
 
     def __post_init__(self) -> None:
         for name in ("steps", "eval_every", "holdout", "patience", "seed"):
@@ -109,7 +116,7 @@ class TrainConfig:
         if not isinstance(self.batch, int) or self.batch < 1:
             raise ValueError(f"batch (calibration units per step) must be a positive integer, got {self.batch!r}")
         for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("sampling", SAMPLING),
-                              ("best", BEST)):
+                              ("best", BEST), ("loss", LOSSES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; use one of {', '.join(allowed)}")
         if self.weight_decay < 0:
@@ -154,10 +161,25 @@ class _SignSGD(torch.optim.Optimizer):
                     p.add_(torch.sign(p.grad), alpha=-group["lr"])
 
 
-def _unit_loss(forward: BlockForward, h: torch.Tensor, kw: dict, targets: list[torch.Tensor]) -> torch.Tensor:
+def block_loss(out: torch.Tensor, target: torch.Tensor, loss: str = "mse") -> torch.Tensor:
+    """Reconstruction loss of a block output ``out`` against ``target`` (both ``(b, T, H)``).
+
+    ``mse``: ``mean((out − target)²)`` (OmniQuant Eq. 1, SignRound). ``token_mse``:
+    ``mean(((out − target) / rms(target))²)`` with ``rms`` over the hidden dimension of each token — the
+    relative error each token carries into the next block, whose pre-norm divides it by (about) that RMS.
+    """
+    out, target = out.float(), target.float()
+    if loss == "token_mse":
+        rms = target.pow(2).mean(-1, keepdim=True).sqrt().clamp(min=torch.finfo(target.dtype).tiny ** 0.5)
+        return torch.nn.functional.mse_loss(out / rms, target / rms)
+    return torch.nn.functional.mse_loss(out, target)
+
+
+def _unit_loss(forward: BlockForward, h: torch.Tensor, kw: dict, targets: list[torch.Tensor],
+               loss: str = "mse") -> torch.Tensor:
     with autocast(h.device):
         out = forward(h, kw)
-    return sum(torch.nn.functional.mse_loss(out.float(), t.float()) for t in targets)
+    return sum(block_loss(out, t, loss) for t in targets)
 
 
 def _same(a, b) -> bool:
@@ -178,8 +200,8 @@ class _Batches:
     per-unit losses. Both are the mean of the per-unit MSEs (equal-sized units)."""
 
     def __init__(self, forward: BlockForward, q_inputs: list[torch.Tensor], targets: list[list[torch.Tensor]],
-                 kwargs: list[dict]) -> None:
-        self.forward, self.x, self.t, self.kw = forward, q_inputs, targets, kwargs
+                 kwargs: list[dict], loss: str = "mse") -> None:
+        self.forward, self.x, self.t, self.kw, self.kind = forward, q_inputs, targets, kwargs, loss
         self.stack = len(q_inputs) > 1 and all(h.shape == q_inputs[0].shape and h.shape[0] == 1 for h in q_inputs) \
             and all(_same(k, kwargs[0]) for k in kwargs[1:])
         if self.stack:
@@ -192,32 +214,50 @@ class _Batches:
         if self.stack and len(units) > 1:
             h = torch.cat([self.x[u] for u in units])
             tg = [torch.cat([self.t[u][k] for u in units]) for k in range(len(self.t[units[0]]))]
-            return _unit_loss(self.forward, h, self.kw[units[0]], tg)
-        return sum(_unit_loss(self.forward, self.x[u], self.kw[u], self.t[u]) for u in units) / len(units)
+            return _unit_loss(self.forward, h, self.kw[units[0]], tg, self.kind)
+        return sum(_unit_loss(self.forward, self.x[u], self.kw[u], self.t[u], self.kind) for u in units) / len(units)
 
 
 @torch.no_grad()
 def eval_loss(forward: BlockForward, q_inputs: list[torch.Tensor], targets: list[list[torch.Tensor]],
               kwargs: list[dict], units: list[int] | None = None, batches: "_Batches | None" = None,
-              chunk: int = 1) -> float:
-    """Mean reconstruction loss over ``units`` (default: all), without gradients, averaged over ranks;
-    ``chunk`` units per forward when ``batches`` can stack them."""
+              chunk: int = 1, loss: str = "mse") -> float:
+    """Mean reconstruction loss (``loss``, see :func:`block_loss`) over ``units`` (default: all), without
+    gradients, averaged over ranks; ``chunk`` units per forward when ``batches`` can stack them (and then
+    ``batches``' own loss applies)."""
     units = list(range(len(q_inputs))) if units is None else list(units)
     if not units:
         return math.nan
     if batches is None:
-        vals = [float(_unit_loss(forward, q_inputs[u], kwargs[u], targets[u])) for u in units]
+        vals = [float(_unit_loss(forward, q_inputs[u], kwargs[u], targets[u], loss)) for u in units]
         return dist.mean_scalar(sum(vals) / len(vals))
     total = sum(float(batches.loss(units[i:i + chunk])) * len(units[i:i + chunk])
                 for i in range(0, len(units), chunk))
     return dist.mean_scalar(total / len(units))
 
 
-def _optimizer(groups: list[LearnableGroup], cfg: TrainConfig, lr_scale: float) -> torch.optim.Optimizer:
-    spec = [{"params": g.parameters(), "lr": g.lr * lr_scale} for g in groups]
-    if cfg.optimizer == "signsgd":
-        return _SignSGD(spec, lr=spec[0]["lr"])
-    return torch.optim.AdamW(spec, weight_decay=cfg.weight_decay)
+class _Optimizers:
+    """One optimizer per kind in use: a group's own ``optimizer`` attribute (when it has one) overrides
+    ``cfg.optimizer``; each optimizer gets its own learning-rate schedule."""
+
+    def __init__(self, groups: list[LearnableGroup], cfg: TrainConfig, lr_scale: float) -> None:
+        kinds: dict[str, list[dict]] = {}
+        for g in groups:
+            kind = getattr(g, "optimizer", None) or cfg.optimizer
+            kinds.setdefault(kind, []).append({"params": g.parameters(), "lr": g.lr * lr_scale})
+        self.opts = [_SignSGD(spec, lr=spec[0]["lr"]) if kind == "signsgd"
+                     else torch.optim.AdamW(spec, weight_decay=cfg.weight_decay) for kind, spec in kinds.items()]
+        decay = (lambda t: max(0.0, 1.0 - t / cfg.steps)) if cfg.schedule == "linear" else (lambda t: 1.0)
+        self.scheds = [torch.optim.lr_scheduler.LambdaLR(o, decay) for o in self.opts]
+
+    def zero_grad(self) -> None:
+        for o in self.opts:
+            o.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        for o, sch in zip(self.opts, self.scheds):
+            o.step()
+            sch.step()
 
 
 def _local_batch(cfg: TrainConfig, n_train: int) -> int:
@@ -246,9 +286,7 @@ def train_block(forward: BlockForward, groups: list[LearnableGroup], q_inputs: l
     params = [p for g in groups for p in g.parameters()]
     for p in params:
         p.requires_grad_(True)
-    opt = _optimizer(groups, cfg, lr_scale)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, (lambda t: max(0.0, 1.0 - t / cfg.steps)) if cfg.schedule == "linear" else (lambda t: 1.0))
+    opt = _Optimizers(groups, cfg, lr_scale)
     sampler = _Sampler(n_train, _local_batch(cfg, n_train), cfg.sampling == "random", cfg.seed)
     eval_units = list(range(n_train, len(q_inputs))) if cfg.holdout else list(range(n_train))
     every = cfg.eval_every or max(1, math.ceil(n_train / sampler.batch))
@@ -262,13 +300,13 @@ def train_block(forward: BlockForward, groups: list[LearnableGroup], q_inputs: l
         stale += 1
         return False
 
-    batches = _Batches(forward, q_inputs, targets, kwargs)
+    batches = _Batches(forward, q_inputs, targets, kwargs, cfg.loss)
     evaluate = lambda: eval_loss(forward, q_inputs, targets, kwargs, eval_units, batches, sampler.batch)  # noqa: E731
     if cfg.best == "eval":
         info["eval_losses"].append(evaluate())
         consider(info["eval_losses"][-1], 0)
     for step in range(cfg.steps):
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
         loss = batches.loss(sampler.next())
         loss.backward()
         value = dist.mean_scalar(float(loss.detach()))  # every rank sees the same value: same decisions
@@ -279,7 +317,6 @@ def train_block(forward: BlockForward, groups: list[LearnableGroup], q_inputs: l
             consider(value, step)  # the parameters that produced this loss (before the step)
         dist.average_gradients(params)
         opt.step()
-        sched.step()
         for g in groups:
             g.project()
         info["steps_run"] = step + 1

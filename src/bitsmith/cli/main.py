@@ -84,12 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--alpha", type=float, default=None,
                    help="SmoothQuant migration strength (LET init for omniquant; the method for smoothquant; 0.5)")
     r = q.add_argument_group("block reconstruction (methods bitsmith and autoround; defaults: the method's recipe)")
-    r.add_argument("--steps", type=int, default=None, help="optimizer steps per block (bitsmith/autoround: 200)")
+    r.add_argument("--steps", type=int, default=None, help="optimizer steps per block (bitsmith: 150, autoround: 200)")
     r.add_argument("--lr", type=float, default=None, help="learning rate of rounding/clipping (default 1/steps)")
     r.add_argument("--start", choices=["rtn", "gptq"], default=None,
-                   help="start point the trainer refines (bitsmith: gptq, autoround: rtn)")
+                   help="start point the trainer refines (default rtn)")
     r.add_argument("--holdout", type=int, default=None,
                    help="calibration batches held out to pick the best step and stop early (default 0)")
+    r.add_argument("--e2e-steps", type=int, default=None,
+                   help="end-to-end norm tuning steps after the blocks (bitsmith: 50; 0 turns it off)")
+    r.add_argument("--e2e-lr", type=float, default=None, help="end-to-end norm tuning learning rate (bitsmith: 0.03)")
     r.add_argument("--patience", type=int, default=None,
                    help="evaluations without improvement before stopping a block early (default 0 = never)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -167,7 +170,7 @@ def _reconstruct_flags(args: argparse.Namespace, base: dict[str, Any]) -> None:
         rec["let"] = True  # weight-activation: the default learns OmniQuant's LET too (recorded in the recipe)
     if args.epochs is not None:
         rec.update(epochs=args.epochs, steps=0)
-    for flag in ("steps", "lr", "start", "holdout", "patience"):
+    for flag in ("steps", "lr", "start", "holdout", "patience", "e2e_steps", "e2e_lr"):
         if getattr(args, flag) is not None:
             rec[flag] = getattr(args, flag)
             if flag == "steps":
@@ -298,7 +301,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {
         "bitsmith_version": __version__, "source_model": str(Path(args.model).resolve()),
         "label": config.label, "recipe": config.to_dict(), "seconds": round(result.seconds, 3),
+        "cpu_seconds": round(result.cpu_seconds, 3),
         "blocks": result.blocks, **sizes,
+        **({"end_to_end": result.end_to_end} if result.end_to_end else {}),
     }
     names = _split(args.ppl)
 

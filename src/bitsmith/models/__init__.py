@@ -29,15 +29,18 @@ from .walker import (
     block_forward,
     blockwise_logits,
     capture_block_inputs,
+    final_hidden,
     final_logits,
     iter_blocks,
+    norm_parameters,
     on_device,
     run_blocks,
 )
 
 __all__ = [
     "ARCHITECTURES", "Architecture", "BlockInputs", "FusedQKV", "Geometry", "ModelError", "block_forward",
-    "blockwise_logits", "capture_block_inputs", "final_logits", "find_linears", "geometry", "get_architecture",
-    "get_blocks", "iter_blocks", "load_model", "model_context_length", "on_device", "resolve", "rope_pairs",
+    "blockwise_logits", "capture_block_inputs", "final_hidden", "final_logits", "find_linears", "geometry",
+    "get_architecture", "get_blocks", "iter_blocks", "load_model", "model_context_length", "norm_parameters",
+    "on_device", "resolve", "rope_pairs",
     "run_blocks", "supported_architectures",
 ]

@@ -290,13 +290,29 @@ def final_logits(model: nn.Module, arch: Architecture | None, hidden: torch.Tens
     The modules are moved to ``hidden``'s device for the call (a no-op when they are already there).
     """
     arch = arch or get_architecture(model)
-    modules = [resolve(model, arch.final_norm), *(resolve(model, p) for p in arch.final_extra)]
     head = resolve(model, arch.lm_head)
-    with on_device(*modules, head, device=hidden.device):
+    with on_device(head, device=hidden.device):
+        return head(final_hidden(model, arch, hidden))
+
+
+def final_hidden(model: nn.Module, arch: Architecture | None, hidden: torch.Tensor) -> torch.Tensor:
+    """Final norm and any extra projection: the last block's output (b, T, H) -> the LM head's input (b, T, H')."""
+    arch = arch or get_architecture(model)
+    modules = [resolve(model, arch.final_norm), *(resolve(model, p) for p in arch.final_extra)]
+    with on_device(*modules, device=hidden.device):
         for module in modules:
             if module is not None:
                 hidden = module(hidden)
-        return head(hidden)
+        return hidden
+
+
+def norm_parameters(model: nn.Module, arch: Architecture | None = None) -> list[nn.Parameter]:
+    """The normalisation layers' parameters (weights, LayerNorm biases): every block's norms that feed linears
+    (``norm_to_linears``) and the final norm, in model order."""
+    arch = arch or get_architecture(model)
+    modules = [resolve(block, name) for block in get_blocks(model, arch) for name, _ in arch.norm_to_linears]
+    modules.append(resolve(model, arch.final_norm))
+    return [p for m in modules if m is not None for p in m.parameters(recurse=False)]
 
 
 @torch.no_grad()
