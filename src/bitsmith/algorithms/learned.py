@@ -8,7 +8,9 @@
 * ``autoround`` (:data:`AUTOROUND`): SignRound reproduced (arXiv 2309.05516 / intel auto-round defaults):
   rounding offsets + min/max scales in [0, 1], signed gradient descent with lr 1/steps decaying linearly to 0,
   200 steps of 8 randomly drawn samples, parameters of the lowest mini-batch loss kept;
-* ``bitsmith`` (:data:`BITSMITH`): the default, the combination that measured best (README, benchmarks).
+* ``bitsmith`` (:data:`BITSMITH`): the default, the combination that measured best (README, benchmarks): SignRound's
+  groups trained by Adam on the token-normalised loss, LET by signed steps, then end-to-end norm tuning
+  (:mod:`bitsmith.algorithms.e2e`).
 """
 
 from __future__ import annotations
