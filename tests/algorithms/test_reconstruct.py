@@ -230,7 +230,7 @@ def test_recipe_configs_and_json_round_trip():
         QuantConfig(method="gptq", weight=SPECS[0], reconstruct=AUTOROUND)
     assert AUTOROUND.rates(32) == (1 / 200, 1 / 200)  # SignRound's lr rule
     assert (BITSMITH.optimizer, BITSMITH.let_optimizer, BITSMITH.loss) == ("adamw", "signsgd", "token_mse")
-    assert BITSMITH.end_to_end().steps == 50 and AUTOROUND.end_to_end() is None
+    assert BITSMITH.end_to_end().steps == 30 and AUTOROUND.end_to_end() is None
     with pytest.raises(ValueError, match="let_optimizer"):
         ReconstructConfig(let_optimizer="sgd")
 
@@ -265,3 +265,42 @@ def test_mse_clip_search_picks_the_lowest_error_factor_per_block():
     best = err(p)
     for f in torch.linspace(1.0, 0.4, 31):
         assert (best <= err(f) + 1e-6).all()
+
+
+def test_block_report_losses_reuse_the_trainers_evaluations():
+    """With best="eval" the block's reported initial/final losses come from the trainer's own evaluations: they
+    equal an independent evaluation of the start (a zero-step run) and the lowest evaluated loss."""
+    calib = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(7))
+    common = dict(weight=QuantSpec(IntFormat(2), PerChannel()), nsamples=8, seqlen=16)
+    stats = {}
+    for steps in (0, 6):
+        model = tiny_model("llama", seed=8)
+        rc = BITSMITH.replace(steps=steps, eval_every=3, e2e_steps=0)
+        res = quantize_model(model, get_architecture(model), QuantConfig(method="bitsmith", reconstruct=rc, **common),
+                             calib, torch.device("cpu"), progress=False)
+        stats[steps] = res.blocks[0]
+    assert stats[6]["loss_init"] == pytest.approx(stats[0]["loss_init"], rel=1e-5)
+    assert stats[6]["loss_final"] <= stats[6]["loss_init"]
+
+
+@pytest.mark.parametrize("constraint", ["m1", "none"])
+def test_clip_pow2_false_leaves_power_of_two_scales_unclipped(constraint):
+    """``clip_pow2=False`` (the default recipe) trains no clipping on M1/M2-constrained layers: the same codes as
+    a run without the clip group; unconstrained layers are clipped as before."""
+    calib = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(9))
+    spec = QuantSpec(E2M1, PerGroup(16), scale_constraint=constraint)
+    common = dict(weight=spec, nsamples=4, seqlen=16)
+    runs = {}
+    for name, rc in {"default": BITSMITH.replace(steps=4, e2e_steps=0),
+                     "noclip": BITSMITH.replace(steps=4, e2e_steps=0, clip="none"),
+                     "clip": BITSMITH.replace(steps=4, e2e_steps=0, clip_pow2=True)}.items():
+        model = tiny_model("llama", seed=10)
+        runs[name] = quantize_model(model, get_architecture(model), QuantConfig(method="bitsmith", reconstruct=rc,
+                                                                                **common),
+                                    calib, torch.device("cpu"), progress=False).frozen
+    same = lambda a, b: all(torch.equal(runs[a][n].codes, runs[b][n].codes) and  # noqa: E731
+                            torch.equal(runs[a][n].scale, runs[b][n].scale) for n in runs[a])
+    if constraint == "m1":
+        assert same("default", "noclip")
+    else:
+        assert same("default", "clip") and not same("default", "noclip")

@@ -41,7 +41,8 @@ class ReconstructConfig:
     Groups: ``clip`` (``none``; ``sigmoid``: OmniQuant LWC logits; ``linear``: SignRound min/max scales),
     ``let`` (OmniQuant LET, initialised with ``alpha``; ``let_qk``/``let_up_down`` add those edges),
     ``rounding`` (learned rounding offsets); ``clip_init`` ``mse`` starts linear clipping strengths at a
-    per-block grid search of the weight error instead of 1. ``start``: ``rtn`` or ``gptq`` (the block is first quantized by
+    per-block grid search of the weight error instead of 1; ``clip_pow2`` False leaves the clipping of layers
+    whose scales are constrained to powers of two (ZeroQuant-FP M1/M2) unlearned. ``start``: ``rtn`` or ``gptq`` (the block is first quantized by
     GPTQ, whose error-compensated weights and grid the trainer refines; needs ``clip`` none and no LET).
     Training: ``epochs`` passes over the calibration batches or ``steps`` optimizer steps (one of them), each
     step averaging ``batch`` batches; ``sampling``, ``optimizer``, ``schedule``, ``best``, ``eval_every``,
@@ -56,6 +57,7 @@ class ReconstructConfig:
 
     clip: str = "linear"
     clip_init: str = "minmax"
+    clip_pow2: bool = True
     let: bool = False
     rounding: bool = True
     start: str = "rtn"
@@ -142,10 +144,10 @@ AUTOROUND = ReconstructConfig()
 # The default (benchmarks/RESULTS.md "Default recipe v2", README "The default recipe"): SignRound's parameter groups
 # (rounding offsets + min/max scales) trained by Adam on the token-normalised block loss, 150 steps, the parameters
 # of the lowest full-calibration loss (checked every 50 steps) kept, LET (when the CLI adds it for quantized
-# activations) by signed gradient descent, then 50 steps of end-to-end norm tuning toward the full-precision
-# model's next-token distribution.
+# activations) by signed gradient descent, then 30 steps of end-to-end norm tuning toward the full-precision
+# model's next-token distribution. Power-of-two-constrained scales (M1/M2) keep their min/max (clip_pow2=False).
 BITSMITH = ReconstructConfig(steps=150, optimizer="adamw", let_optimizer="signsgd", loss="token_mse", best="eval",
-                             eval_every=50, e2e_steps=50, e2e_lr=0.03)
+                             eval_every=50, e2e_steps=30, e2e_lr=0.05, clip_pow2=False)
 
 
 def reconstruct_block(block_name: str, qlinears: dict[str, QuantLinear], edges: list[Edge],
@@ -163,13 +165,20 @@ def reconstruct_block(block_name: str, qlinears: dict[str, QuantLinear], edges: 
     groups = []
     if cfg.let and edges:
         groups.append(LETGroup(edges, edge_stats, cfg.alpha, cfg.let_lr, optimizer=cfg.let_optimizer))
-    if cfg.clip != "none":
-        groups.append(ClipGroup(qlinears, clip_lr, cfg.clip, init=cfg.clip_init))
+    clipped = qlinears if cfg.clip_pow2 else {n: q for n, q in qlinears.items() if not _pow2_scales(q)}
+    if cfg.clip != "none" and clipped:
+        groups.append(ClipGroup(clipped, clip_lr, cfg.clip, init=cfg.clip_init))
     if cfg.rounding:
         groups.append(RoundingGroup(qlinears, round_lr))
-    before = eval_loss(forward, q_inputs, targets, kwargs, loss=cfg.loss)
-    info = train_with_retry(block_name, forward, groups, q_inputs, targets, kwargs, cfg.train(units))
-    after = eval_loss(forward, q_inputs, targets, kwargs, loss=cfg.loss)
+    tcfg = cfg.train(units)
+    # with best="eval" over all units the trainer itself evaluates the loss before training and at the kept step
+    reuse = tcfg.best == "eval" and not tcfg.holdout and tcfg.steps > 0 and any(g.parameters() for g in groups)
+    before = None if reuse else eval_loss(forward, q_inputs, targets, kwargs, loss=cfg.loss)
+    info = train_with_retry(block_name, forward, groups, q_inputs, targets, kwargs, tcfg)
+    if reuse:
+        before, after = info["eval_losses"][0], min(info["eval_losses"])
+    else:
+        after = eval_loss(forward, q_inputs, targets, kwargs, loss=cfg.loss)
     for g in groups:
         g.fold()
     layers = {name: {"weight_rel_err": weight_error(q.weight, q.freeze())}
@@ -179,6 +188,13 @@ def reconstruct_block(block_name: str, qlinears: dict[str, QuantLinear], edges: 
     return {"loss_init": before, "loss_final": after, "epoch_losses": _pass_means(info["step_losses"], units,
                                                                                   cfg.batch),
             "best_step": info["best_step"], "steps_run": info["steps_run"], "layers": layers}
+
+
+def _pow2_scales(q: QuantLinear) -> bool:
+    """Whether the layer's weight scales are constrained to powers of two: a learned clipping strength then only
+    matters where it crosses an octave, and its straight-through gradient points past those steps."""
+    wq = q.weight_quantizer
+    return wq is not None and wq.spec.scale_constraint != "none"
 
 
 def _steps_per_pass(units: int, batch: int) -> int:

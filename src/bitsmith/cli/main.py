@@ -91,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--holdout", type=int, default=None,
                    help="calibration batches held out to pick the best step and stop early (default 0)")
     r.add_argument("--e2e-steps", type=int, default=None,
-                   help="end-to-end norm tuning steps after the blocks (bitsmith: 50; 0 turns it off)")
-    r.add_argument("--e2e-lr", type=float, default=None, help="end-to-end norm tuning learning rate (bitsmith: 0.03)")
+                   help="end-to-end norm tuning steps after the blocks (bitsmith: 30; 0 turns it off)")
+    r.add_argument("--e2e-lr", type=float, default=None, help="end-to-end norm tuning learning rate (bitsmith: 0.05)")
     r.add_argument("--patience", type=int, default=None,
                    help="evaluations without improvement before stopping a block early (default 0 = never)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
