@@ -123,3 +123,21 @@ def test_pipeline_end_to_end_changes_only_norms_and_lowers_the_kl():
     teacher = _teacher(base, ids)
     kl = [calibration_kl(lambda x, m=m: m(x).logits, teacher, ids, list(range(8)), 8) for m in (m0, m1)]
     assert kl[1] < kl[0] and kl[0] == pytest.approx(r1.end_to_end["kl_before"], rel=1e-4)
+
+
+def test_nan_loss_stops_tuning_and_keeps_the_initial_norms():
+    fp = tiny_model("llama", seed=11)
+    student = _perturbed(fp)
+    ids = _calib(seed=12)
+    params = norm_parameters(student)
+    init = [p.detach().clone() for p in params]
+    calls = {"n": 0}
+
+    def forward(x):  # finite for the initial evaluation, NaN from the first training step on
+        calls["n"] += 1
+        out = student(x).logits
+        return out if calls["n"] <= 2 else out * float("nan")
+
+    info = tune_end_to_end(forward, _teacher(fp, ids), params, ids, EndToEndConfig(steps=5, batch=4))
+    assert info["steps"] == 0 and info["best_step"] == 0 and info["kl_after"] == info["kl_before"]
+    assert all(torch.equal(p, q) for p, q in zip(params, init))
