@@ -42,8 +42,9 @@ class ReconstructConfig:
     ``let`` (OmniQuant LET, initialised with ``alpha``; ``let_qk``/``let_up_down`` add those edges),
     ``rounding`` (learned rounding offsets); ``clip_init`` ``mse`` starts linear clipping strengths at a
     per-block grid search of the weight error instead of 1; ``clip_pow2`` False leaves the clipping of layers
-    whose scales are constrained to powers of two (ZeroQuant-FP M1/M2) unlearned. ``start``: ``rtn`` or ``gptq`` (the block is first quantized by
-    GPTQ, whose error-compensated weights and grid the trainer refines; needs ``clip`` none and no LET).
+    whose scales are constrained to powers of two (ZeroQuant-FP M1/M2) unlearned. ``start``: ``rtn`` or
+    ``gptq`` (the block is first quantized by GPTQ, whose error-compensated weights and grid the trainer refines;
+    needs ``clip`` none and no LET).
     Training: ``epochs`` passes over the calibration batches or ``steps`` optimizer steps (one of them), each
     step averaging ``batch`` batches; ``sampling``, ``optimizer``, ``schedule``, ``best``, ``eval_every``,
     ``holdout``, ``patience`` as in :class:`~bitsmith.algorithms.reconstruct.TrainConfig`. Learning rates:
