@@ -225,3 +225,13 @@ def test_bad_files_exit_2_with_one_line(tmp_path, capsys, aidreams, samples):
     ]
     for argv, match in cases:
         _bad(tmp_path, capsys, argv, match)
+
+
+@pytest.mark.parametrize("flags,let", [(["--abits", "4"], True), (["--aformat", "fp8"], True),
+                                       (["--aformat", "e5m2"], True), (["--abits", "16"], False), ([], False)])
+def test_default_recipe_learns_let_whenever_activations_are_quantized(flags, let):
+    from bitsmith.cli.main import build_parser, config_from_args
+
+    config = config_from_args(build_parser().parse_args(["quantize", "MODEL", "-o", "OUT", *flags]))
+    assert config.method == "bitsmith" and config.reconstruct.let is let
+    assert (config.act is not None) is let

@@ -166,7 +166,7 @@ def _reconstruct_flags(args: argparse.Namespace, base: dict[str, Any]) -> None:
     rec = dict(base.get("reconstruct") or dataclasses.asdict(LEARNED[method]))
     if args.let is not None:
         rec["let"] = args.let
-    elif method == "bitsmith" and not from_recipe and (args.abits or 16) < 16 and rec.get("start") != "gptq":
+    elif method == "bitsmith" and not from_recipe and _quantizes_activations(args) and rec.get("start") != "gptq":
         rec["let"] = True  # weight-activation: the default learns OmniQuant's LET too (recorded in the recipe)
     if args.epochs is not None:
         rec.update(epochs=args.epochs, steps=0)
@@ -178,6 +178,14 @@ def _reconstruct_flags(args: argparse.Namespace, base: dict[str, Any]) -> None:
     if rec.get("holdout"):
         rec["best"] = "eval"
     base["reconstruct"] = rec
+
+
+def _quantizes_activations(args: argparse.Namespace) -> bool:
+    """Whether the flags ask for quantized activations: ``--abits`` below 16, or a float ``--aformat`` (FP8 has
+    its own width)."""
+    if args.abits is not None:
+        return args.abits < 16
+    return args.aformat not in (None, "int")
 
 
 def config_from_args(args: argparse.Namespace):
