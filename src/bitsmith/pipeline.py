@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .algorithms.awq import awq_block
 from .algorithms.block import gptq_block, gptq_start_block, rtn_block
-from .algorithms.e2e import tune_end_to_end
+from .algorithms.e2e import EndToEndConfig, tune_end_to_end
 from .algorithms.learned import reconstruct_block
 from .algorithms.lorc import LoRCFactors, collect_factors, lorc_block
 from .algorithms.smoothquant import smoothquant_block
@@ -263,7 +263,8 @@ def quantize_model(model: nn.Module, arch: Architecture, config: QuantConfig, ca
                               "peak_memory_mb": peak_memory_bytes(device) / 2**20, **meter.stop()})
         bar.set_postfix(mse=f"{stats['output_mse']:.3g}")
         log.debug("block %d: output MSE %.4g", i, stats["output_mse"])
-    e2e = config.learned().end_to_end() if config.learned() is not None else None
+    rc = config.learned()
+    e2e = rc.end_to_end() if rc is not None else None
     if e2e is not None:
         result.end_to_end = _end_to_end(model, arch, calib, fp_hidden, device, e2e, streamed=stream is not None)
     result.seconds = time.perf_counter() - start
@@ -273,7 +274,7 @@ def quantize_model(model: nn.Module, arch: Architecture, config: QuantConfig, ca
 
 
 def _end_to_end(model: nn.Module, arch: Architecture, calib: torch.Tensor, fp_last: list[torch.Tensor],
-                device: torch.device, cfg, streamed: bool) -> dict:
+                device: torch.device, cfg: EndToEndConfig, streamed: bool) -> dict:
     """Tune the norms of the quantized ``model`` to the full-precision next-token distribution
     (:mod:`bitsmith.algorithms.e2e`). ``fp_last``: the full-precision last block's outputs, one ``(b, T, H)`` per
     unit of ``calib`` ``(n, T)`` (this rank's share), from which the teacher's log-probabilities are computed."""

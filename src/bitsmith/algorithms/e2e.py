@@ -12,8 +12,9 @@ end-to-end phases of EfficientQAT arXiv 2407.11062 and the norm tweaking of arXi
 
 The quantized weights (codes, scales) are untouched, so the result is still an ordinary quantized model whose
 norms differ from the source checkpoint's. Adam with a linearly decaying learning rate; mini-batches from
-reshuffled cycles over the calibration sequences; the parameters are restored to their initial values if the
-full-calibration loss did not improve. Under ``torch.distributed`` losses and gradients are averaged over ranks.
+reshuffled cycles over the calibration sequences; the parameters kept are those of the lowest KL measured (over
+all calibration sequences at the start and the end, or over a held-out slice every few steps), so the initial
+ones when training did not lower it. Under ``torch.distributed`` losses and gradients are averaged over ranks.
 """
 
 from __future__ import annotations
