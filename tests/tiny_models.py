@@ -3,7 +3,10 @@
 Each config exercises what makes its family different: GQA (Llama, Mistral, Qwen2), a sliding-window mask
 (Mistral: window 4 < T; Qwen2: only layers >= max_window_layers slide, so blocks get different masks), q/k/v
 biases (Qwen2), OPT's project_in/project_out (word_embed_proj_dim != hidden), GPT-NeoX's partial rotary and
-parallel residual.
+parallel residual; Qwen3's per-head q/k norms (head_dim 16 != hidden / heads); Gemma 2's (1 + w) norms, four norms
+per block, attention and final logit soft-capping (caps small enough to bend the logits) and a sliding window;
+Gemma 3's q/k norms and alternating sliding/full layers; Phi-3's fused qkv_proj and gate_up_proj with partial
+rotary; Mixtral and Qwen3-MoE with 4 experts, 2 per token, stored as 3-D parameters.
 """
 
 from __future__ import annotations
@@ -12,22 +15,35 @@ import torch
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
     GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     OPTConfig,
+    Phi3Config,
     PretrainedConfig,
     Qwen2Config,
+    Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 VOCAB = 128
 HIDDEN = 32
 LAYERS = 2
-FAMILIES = ("llama", "mistral", "qwen2", "opt", "neox")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mixtral", "qwen3moe", "opt", "neox")
+MOE_FAMILIES = ("mixtral", "qwen3moe")
 ARCH_OF_FAMILY = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen3moe": "Qwen3MoeForCausalLM",
     "opt": "OPTForCausalLM",
     "neox": "GPTNeoXForCausalLM",
 }
@@ -46,6 +62,26 @@ def tiny_config(family: str, **overrides: object) -> PretrainedConfig:
     if family == "qwen2":
         kw = {**_LLAMA_LIKE, "use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1, **overrides}
         return Qwen2Config(**kw, architectures=arch)
+    if family == "qwen3":
+        return Qwen3Config(**{**_LLAMA_LIKE, "head_dim": 16, **overrides}, architectures=arch)
+    if family == "gemma2":
+        kw = {**_LLAMA_LIKE, "head_dim": 8, "sliding_window": 4, "final_logit_softcapping": 2.0,
+              "attn_logit_softcapping": 1.0, "query_pre_attn_scalar": 8, **overrides}
+        return Gemma2Config(**kw, architectures=arch)
+    if family == "gemma3":
+        kw = {**_LLAMA_LIKE, "head_dim": 8, "sliding_window": 4, "final_logit_softcapping": 2.0,
+              "query_pre_attn_scalar": 8, "layer_types": ["sliding_attention", "full_attention"], **overrides}
+        return Gemma3TextConfig(**kw, architectures=arch)
+    if family == "phi3":
+        kw = {**_LLAMA_LIKE, "pad_token_id": 0, "partial_rotary_factor": 0.5, **overrides}
+        return Phi3Config(**kw, architectures=arch)
+    if family == "mixtral":
+        kw = {**_LLAMA_LIKE, "num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 32, **overrides}
+        return MixtralConfig(**kw, architectures=arch)
+    if family == "qwen3moe":
+        kw = {**_LLAMA_LIKE, "head_dim": 8, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+              "norm_topk_prob": True, **overrides}
+        return Qwen3MoeConfig(**kw, architectures=arch)
     if family == "opt":
         kw = {**_COMMON, "ffn_dim": 64, "word_embed_proj_dim": 16, "init_std": 0.2, **overrides}
         return OPTConfig(**kw, architectures=arch)
@@ -70,6 +106,9 @@ def tiny_model(family: str, seed: int = 0, **overrides: object) -> nn.Module:
     model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides)).eval()
     with torch.no_grad():
         _perturb_norms(model, torch.Generator().manual_seed(seed + 1))
+        for name, param in model.named_parameters():  # 3-D expert weights start at zero on some versions
+            if ".experts." in name and param.dim() == 3:
+                param.copy_(0.2 * torch.randn(param.shape, generator=torch.Generator().manual_seed(seed + 2)))
     model.config.use_cache = False
     return model
 

@@ -24,9 +24,9 @@ from .checkpoint import Checkpoint
 from .config import QuantConfig
 from .formats import QuantizedTensor, QuantSpec
 from .models import (Architecture, block_forward, capture_block_inputs, final_hidden, find_linears, get_blocks,
-                     norm_parameters, resolve)
+                     head_logits, norm_parameters, split_experts)
 from .models.kvcache import enable_kv_quant
-from .models.let import consumer_names, let_edges
+from .models.let import let_edges
 from .models.streaming import BlockStream
 from .nn import QuantLinear, quant_linears, set_quant_state, to_fake
 from .transforms import collect_input_stats, collect_inputs
@@ -142,9 +142,8 @@ def _edges(block, arch, model_config, device, **kw):
     consumers = {}
     for e in edges:
         e.to(device)
-        cname = consumer_names(arch, e.name)
-        if cname is not None:
-            consumers[e.name] = block.get_submodule(cname)
+        if e.consumer is not None:
+            consumers[e.name] = block.get_submodule(e.consumer)
     return edges, consumers
 
 
@@ -209,6 +208,7 @@ def quantize_model(model: nn.Module, arch: Architecture, config: QuantConfig, ca
     accelerator memory (``result.blocks``) and the overall peaks (``result.memory``).
     """
     start, cpu_start = time.perf_counter(), time.process_time()
+    split_experts(model, arch)  # MoE: every expert's projections become linears (a no-op when already split)
     calib, local_batch = dist.shard_samples(calib, config.batch_size)  # this rank's share (all of it alone)
     dist.barrier()  # rank 0 may have just replaced the checkpoint folder (--overwrite)
     done = checkpoint.blocks_done() if checkpoint is not None else 0
@@ -289,8 +289,7 @@ def _end_to_end(model: nn.Module, arch: Architecture, calib: torch.Tensor, fp_la
         model.to(device)
         with torch.no_grad():
             teacher_h = torch.cat([final_hidden(model, arch, h.to(device)) for h in fp_last])  # before tuning
-        head = resolve(model, arch.lm_head)
-        teacher = lambda idx: torch.log_softmax(head(teacher_h[idx]).float(), dim=-1)  # noqa: E731
+        teacher = lambda idx: torch.log_softmax(head_logits(model, arch, teacher_h[idx]).float(), dim=-1)  # noqa: E731
         student = lambda ids: model(input_ids=ids, use_cache=False).logits  # noqa: E731
         return tune_end_to_end(student, teacher, params, calib.to(device), cfg)
     except torch.OutOfMemoryError:
@@ -323,6 +322,7 @@ def _restore_block(block: nn.Module, config: QuantConfig, checkpoint: Checkpoint
 
 def apply_activation_quant(model: nn.Module, arch: Architecture, act: QuantSpec) -> int:
     """Wrap every block linear of an (already weight-quantized) model with an input quantizer. Returns count."""
+    split_experts(model, arch)
     return sum(_wrap_activations(block, act) for block in get_blocks(model, arch))
 
 

@@ -21,6 +21,8 @@ def _logits(model, ids):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_kv_quant_changes_logits_by_bits_and_disables_exactly(family, impl):
+    if impl == "sdpa" and family == "gemma2":
+        pytest.skip("Gemma 2 has no sdpa attention in transformers (its attention soft-capping needs eager)")
     model = tiny_model(family, attn_implementation=impl)
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     ref = _logits(model, ids)

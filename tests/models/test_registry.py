@@ -25,11 +25,24 @@ from bitsmith.models import (
     get_architecture,
     get_blocks,
     resolve,
+    expand,
     rope_pairs,
+    split_experts,
     supported_architectures,
 )
 
 FAMILY_OF_ARCH = {arch: family for family, arch in ARCH_OF_FAMILY.items()}
+
+
+def _split_model(family: str, **kw) -> nn.Module:
+    """A tiny model of ``family`` with any fused experts split into per-expert linears (what bitsmith walks)."""
+    model = tiny_model(family, **kw)
+    split_experts(model, get_architecture(model))
+    return model
+
+
+def _names(block: nn.Module, names) -> list[str]:
+    return [n for name in names for n in expand(block, name)]
 
 
 def test_every_row_has_a_tiny_model() -> None:
@@ -39,7 +52,7 @@ def test_every_row_has_a_tiny_model() -> None:
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_row_paths_resolve_to_real_modules(name: str) -> None:
     arch = ARCHITECTURES[name]
-    model = tiny_model(FAMILY_OF_ARCH[name])
+    model = _split_model(FAMILY_OF_ARCH[name])
     assert get_architecture(model) is arch and get_architecture(model.config) is arch
     assert len(get_blocks(model, arch)) == LAYERS
     for path in arch.embeddings:
@@ -51,19 +64,22 @@ def test_row_paths_resolve_to_real_modules(name: str) -> None:
     assert isinstance(resolve(model, arch.lm_head), nn.Linear)
     for _, block in enumerate(get_blocks(model, arch)):
         linears = find_linears(block, arch)
-        assert tuple(linears)[: len(arch.linear_names)] == arch.linear_names
-        for norm_name, targets in arch.norm_to_linears:
+        names = _names(block, arch.linear_names)
+        assert tuple(linears)[: len(names)] == tuple(names)
+        router = arch.moe.router if arch.moe is not None else None
+        for norm_name in [n for n, _ in arch.norm_to_linears] + list(arch.other_norms):
             norm = resolve(block, norm_name)
             expected = nn.LayerNorm if arch.norm_kind == "layer" else nn.Module
             assert isinstance(norm, expected) and ("RMSNorm" in type(norm).__name__) == (arch.norm_kind == "rms")
-            assert all(isinstance(resolve(block, t), nn.Linear) for t in targets)
+        for _, targets in arch.norm_to_linears:
+            assert all(isinstance(resolve(block, t), nn.Linear) for t in _names(block, targets) if t != router)
         for pair in (arch.q_to_k, arch.v_to_o, arch.up_to_down):
-            assert pair is None or all(isinstance(resolve(block, p), nn.Linear) for p in pair)
+            assert pair is None or all(isinstance(resolve(block, p), nn.Linear) for p in _names(block, pair))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_find_linears_finds_all_linears_of_a_block(family: str) -> None:
-    model = tiny_model(family)
+    model = _split_model(family)
     block = get_blocks(model)[0]
     every = {n for n, m in block.named_modules() if isinstance(m, nn.Linear)}
     assert set(find_linears(block, get_architecture(model))) == every == set(find_linears(block))
@@ -95,13 +111,22 @@ def _run_block0(model: nn.Module, names_in: list[str], names_out: list[str]) -> 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_norm_to_linears_linears_read_that_norms_output(family: str) -> None:
     arch = ARCHITECTURES[ARCH_OF_FAMILY[family]]
-    model = tiny_model(family)
+    model = _split_model(family)
+    block = get_blocks(model, arch)[0]
     norms = [norm for norm, _ in arch.norm_to_linears]
-    targets = [t for _, ts in arch.norm_to_linears for t in ts]
+    targets = [t for _, ts in arch.norm_to_linears for t in _names(block, ts)]
     ins, outs, _ = _run_block0(model, targets, norms)
     for norm, linears in arch.norm_to_linears:
-        for linear in linears:  # OPT flattens (b, T, H) to (b*T, H) before fc1
+        for linear in _names(block, linears):
+            if ".experts." in linear:  # an expert reads the rows of the norm's output routed to it
+                rows = outs[norm].reshape(-1, outs[norm].shape[-1])
+                if linear in ins:
+                    assert all((rows == x).all(dim=1).any() for x in ins[linear]), f"{norm} -> {linear}"
+                continue
+            # OPT flattens (b, T, H) to (b*T, H) before fc1; an MoE router too
             assert torch.equal(ins[linear].reshape(outs[norm].shape), outs[norm]), f"{norm} -> {linear}"
+    if arch.moe is not None:
+        assert sum(".experts." in n for n in ins) >= 2  # experts were reached and checked
 
 
 def _v_rows(block: nn.Module, arch: Architecture, geom: Geometry) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -164,17 +189,21 @@ def test_fused_rows_layouts() -> None:
 def test_up_down_equivalent_flag_is_true_to_the_activation(family: str) -> None:
     """Scale up's rows by s > 0 and down's columns by 1/s: the block is unchanged exactly when the flag says so."""
     arch = ARCHITECTURES[ARCH_OF_FAMILY[family]]
-    model = tiny_model(family)
+    model = _split_model(family)
     block = get_blocks(model)[0]
     inputs = capture_block_inputs(model, arch, random_ids(2, 6), "cpu", batch_size=2)
     with torch.no_grad():
         before = block_forward(block, inputs.hidden[0], inputs.kwargs[0])
-        up, down = (resolve(block, name) for name in arch.up_to_down)
-        s = torch.rand(up.out_features, generator=torch.Generator().manual_seed(3)) * 4 + 0.25
-        up.weight.mul_(s[:, None])
-        if up.bias is not None:
-            up.bias.mul_(s)
-        down.weight.div_(s[None, :])
+        for up_name, down_name in zip(*(_names(block, [name]) for name in arch.up_to_down)):  # each expert's pair
+            up, down = resolve(block, up_name), resolve(block, down_name)
+            rows = slice(None)
+            if up_name == arch.gate_up:  # Phi-3: [gate | up] rows, only the up half multiplies down's input
+                rows = slice(up.out_features // 2, None)
+            s = torch.rand(down.in_features, generator=torch.Generator().manual_seed(3)) * 4 + 0.25
+            up.weight[rows].mul_(s[:, None])
+            if up.bias is not None:
+                up.bias[rows].mul_(s)
+            down.weight.div_(s[None, :])
         after = block_forward(block, inputs.hidden[0], inputs.kwargs[0])
     assert torch.allclose(before, after, atol=1e-5, rtol=1e-5) == arch.up_down_equivalent
 

@@ -14,7 +14,7 @@ import json
 import pytest
 import torch
 from conftest import shared_path
-from tiny_models import FAMILIES, LAYERS, random_ids, tiny_model
+from tiny_models import FAMILIES, MOE_FAMILIES, LAYERS, random_ids, tiny_model
 from torch import nn
 from transformers.cache_utils import Cache
 
@@ -52,7 +52,8 @@ def test_blockwise_logits_match_hf_forward(family: str, batch_size: int) -> None
     assert torch.equal(out, _reference(model, ids, batch_size))
     with torch.no_grad():
         whole = model(ids, use_cache=False).logits
-    torch.testing.assert_close(out, whole, atol=1e-6, rtol=0)
+    # MoE experts run as one grouped matmul over the rows routed in the whole batch: fp32 summation order differs
+    torch.testing.assert_close(out, whole, atol=5e-6 if family in MOE_FAMILIES else 1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -8,7 +8,7 @@ import torch
 from tiny_models import FAMILIES, tiny_model
 from torch.nn.utils import parametrize
 
-from bitsmith.models import get_architecture, get_blocks
+from bitsmith.models import get_architecture, get_blocks, split_experts
 from bitsmith.models.let import let_edges
 from bitsmith.transforms import fold_edges
 
@@ -18,9 +18,15 @@ def _logits(model, ids):
         return model(input_ids=ids, use_cache=False).logits
 
 
+# Gemma's norms multiply by (1 + w) in float32 even in a float64 model: their folds are exact up to fp32 rounding
+TOLERANCE = {"gemma2": 1e-5, "gemma3": 1e-5}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_random_scales_and_shifts_preserve_logits(family):
+    tol = TOLERANCE.get(family, 1e-9)
     model = tiny_model(family).double()
+    split_experts(model, get_architecture(model))  # MoE: per-expert linears (the 3-D experts need fp32 here)
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     ref = _logits(model, ids)
     arch = get_architecture(model)
@@ -41,12 +47,12 @@ def test_random_scales_and_shifts_preserve_logits(family):
         [m.weight for m in model.modules() if parametrize.is_parametrized(m, "weight")],
         [m.parametrizations.weight.original for m in model.modules() if parametrize.is_parametrized(m, "weight")]))
     assert changed  # the weights really are transformed
-    assert torch.allclose(_logits(model, ids), ref, atol=1e-9, rtol=1e-9)
+    assert torch.allclose(_logits(model, ids), ref, atol=tol, rtol=tol)
     if family in ("opt", "neox"):
         assert any(e.shift is not None for e in all_edges)  # LayerNorm + biases: shifts are used
     fold_edges(all_edges)
     assert not any(parametrize.is_parametrized(m) for m in model.modules())
-    assert torch.allclose(_logits(model, ids), ref, atol=1e-9, rtol=1e-9)
+    assert torch.allclose(_logits(model, ids), ref, atol=tol, rtol=tol)
 
 
 def test_qk_scale_respects_rope_pairs_and_gqa():

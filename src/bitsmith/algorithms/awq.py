@@ -43,6 +43,8 @@ def _consumer_error(x: torch.Tensor, s: torch.Tensor, edge: Edge) -> float:
         if site.role != "cols_mul":
             continue
         q: QuantLinear = site.module
+        if getattr(q, "weight_quantizer", None) is None:
+            continue  # a full-precision consumer (an MoE router, a weight-float layer): no quantization error
         w = q.weight.detach().float()
         sc = s if site.map is None else s[site.map.to(s.device)]
         if site.index is not None:

@@ -17,6 +17,8 @@ from typing import Any, Callable, Iterator
 
 from torch import nn
 
+from ..models import fused_experts, get_architecture
+
 log = logging.getLogger(__name__)
 
 REPORT_NAME = "bitsmith.json"
@@ -64,7 +66,8 @@ def save_quantized(model: nn.Module, tokenizer: Any, out: str | Path, report: di
     out = check_output_dir(out, overwrite)
     with atomic_folder(out) as tmp:
         if streamed is None:
-            model.save_pretrained(tmp, safe_serialization=True)
+            with fused_experts(model, get_architecture(model)):  # MoE: the checkpoint's own expert layout
+                model.save_pretrained(tmp, safe_serialization=True)
         else:
             streamed.finish_into(tmp)
             _save_configs(model, tmp)

@@ -16,6 +16,8 @@ from .registry import (
     Architecture,
     FusedQKV,
     Geometry,
+    MoE,
+    expand,
     find_linears,
     geometry,
     get_architecture,
@@ -24,6 +26,7 @@ from .registry import (
     rope_pairs,
     supported_architectures,
 )
+from .moe import fused_experts, split_experts
 from .walker import (
     BlockInputs,
     block_forward,
@@ -31,6 +34,7 @@ from .walker import (
     capture_block_inputs,
     final_hidden,
     final_logits,
+    head_logits,
     iter_blocks,
     norm_parameters,
     on_device,
@@ -38,8 +42,8 @@ from .walker import (
 )
 
 __all__ = [
-    "ARCHITECTURES", "Architecture", "BlockInputs", "FusedQKV", "Geometry", "ModelError", "block_forward",
-    "blockwise_logits", "capture_block_inputs", "final_hidden", "final_logits", "find_linears", "geometry",
+    "ARCHITECTURES", "Architecture", "MoE", "expand", "split_experts", "fused_experts", "BlockInputs", "FusedQKV", "Geometry", "ModelError", "block_forward",
+    "blockwise_logits", "capture_block_inputs", "final_hidden", "final_logits", "find_linears", "geometry", "head_logits",
     "get_architecture", "get_blocks", "iter_blocks", "load_model", "model_context_length", "norm_parameters",
     "on_device", "resolve", "rope_pairs",
     "run_blocks", "supported_architectures",

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..utils.device import default_dtype, resolve_device
 from .errors import ModelError
+from .moe import split_experts
 from .registry import ARCHITECTURES, supported_architectures
 
 logger = logging.getLogger(__name__)
@@ -109,7 +110,8 @@ def load_model(
 
     ``device`` is where the model will be *run* (the walker moves one block at a time there): it picks the default
     dtype (fp32 for the CPU, fp16 for an accelerator) but the model is returned on the CPU, in eval mode, with
-    ``config.use_cache = False``. Raises :class:`ModelError` for a missing folder, a folder without config.json or
+    ``config.use_cache = False``; a mixture of experts has its fused experts split into per-expert linears
+    (:func:`bitsmith.models.split_experts`). Raises :class:`ModelError` for a missing folder, a folder without config.json or
     weights, an unsupported architecture, or a corrupt weight file.
     """
     folder = Path(path).expanduser()
@@ -140,6 +142,7 @@ def load_model(
         raise ModelError(f"could not load the model in {folder}: {err}".splitlines()[0]) from err
     model.eval()
     model.config.use_cache = False
+    split_experts(model, ARCHITECTURES[name])  # MoE: one nn.Linear per expert and projection
     return model, _load_tokenizer(folder)
 
 

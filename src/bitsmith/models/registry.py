@@ -5,8 +5,27 @@ model-level paths (``layers``, ``embeddings``, ``rotary``, ``final_norm``, ``fin
 ``*ForCausalLM`` root; block-level paths (``attn_linears``, ``mlp_linears``, ``norm_to_linears``, pairs) start at one
 decoder block. Adding an architecture means adding a row here; nothing else in bitsmith knows HF module names.
 
-Rows were written against transformers 5.23's modeling files (``modeling_llama.py``, ``modeling_mistral.py``,
-``modeling_qwen2.py``, ``modeling_opt.py``, ``modeling_gpt_neox.py``).
+Rows were written against transformers 5.23–5.25's modeling files (``llama``, ``mistral``, ``qwen2``, ``qwen3``,
+``gemma2``, ``gemma3``, ``phi3``, ``mixtral``, ``qwen3_moe``, ``opt``, ``gpt_neox``).
+
+Extensions of the row model for today's families (each one field, general, used by every algorithm alike):
+
+- ``norm_offset`` (Gemma 2/3): the norm computes ``x̂ · (offset + w)``; an equivalence scale acts on ``offset + w``,
+  so folds stay exact under the ``(1 + w)`` convention.
+- ``qk_norm`` (Qwen3, Gemma 3): per-head RMSNorms between the q/k projections and RoPE undo any scale on q/k rows,
+  so the Q/K edge acts on those norms' weights instead (one scale per head dim, shared by all heads, equal within
+  each rotary pair): still an exact equivalence, and it still rescales what a KV-cache quantizer sees.
+- ``gate_up`` (Phi-3): one linear whose output rows are ``[gate | up]`` (``chunk(2)``); the up→down edge scales
+  only its up half.
+- ``other_norms`` (Gemma's post-attention/post-feedforward norms, q/k norms): block norms that feed no linear,
+  tuned end to end with the others.
+- ``logit_softcap`` (Gemma 2/3): config attribute of the final logit soft-cap ``c·tanh(z/c)``, applied wherever
+  bitsmith computes logits from hidden states itself.
+- ``moe`` (Mixtral, Qwen3-MoE): where a block keeps its experts and router. Transformers 5 stores an experts module's
+  projections as 3-D parameters ``(experts, out, in)``; :mod:`bitsmith.models.moe` replaces that module by one
+  ``nn.Linear`` per expert and projection (same forward, same routing), so linear names may hold ``*`` for the
+  expert index (``mlp.experts.*.gate_proj``), expanded per block by :func:`expand`. ``MoE.checkpoint`` says how the
+  checkpoint on disk names them, for the exports.
 """
 
 from __future__ import annotations
@@ -24,6 +43,7 @@ from .errors import ModelError
 NORM_KINDS = ("rms", "layer")
 FUSED_LAYOUTS = ("per_head", "concat")
 QKV_PARTS = ("q", "k", "v")
+EXPERT = "*"  # in a block-relative name: every expert index
 
 
 @dataclass(frozen=True)
@@ -105,6 +125,32 @@ class FusedQKV:
 
 
 @dataclass(frozen=True)
+class MoE:
+    """A sparse mixture-of-experts MLP as data.
+
+    ``experts``: block path of the experts module (3-D parameters ``gate_up_proj (E, 2I, H)``, ``down_proj
+    (E, H, I)`` in transformers 5, or already one linear per expert). ``router``: block path of the router
+    (a module with ``weight (E, H)``), kept in full precision. ``num_experts``: the config attribute holding E.
+    ``checkpoint``: regex renames ``(pattern, replacement)`` from bitsmith's qualified names
+    (``model.layers.0.mlp.experts.3.gate_proj``) to the names the checkpoint on disk uses (Mixtral's
+    ``model.layers.0.block_sparse_moe.experts.3.w1``), applied by the exports in order.
+    """
+
+    experts: str
+    router: str
+    num_experts: str
+    checkpoint: tuple[tuple[str, str], ...] = ()
+
+    def saved_name(self, name: str) -> str:
+        """The checkpoint's name for bitsmith's qualified module/tensor name ``name``."""
+        import re
+
+        for pattern, replacement in self.checkpoint:
+            name = re.sub(pattern, replacement, name)
+        return name
+
+
+@dataclass(frozen=True)
 class Architecture:
     """One HF causal-LM family as data.
 
@@ -123,6 +169,7 @@ class Architecture:
     Config-dependent facts are a bool or the name of the config flag that decides them (see :meth:`flag`):
       ``pre_norm`` (norms read the block input, so ``norm_to_linears`` holds; OPT-350m is post-norm),
       ``parallel_residual`` (attention and MLP both read the block input: GPT-NeoX ``use_parallel_residual``).
+    ``norm_offset``, ``qk_norm``, ``gate_up``, ``other_norms``, ``logit_softcap``, ``moe``: see the module docstring.
     """
 
     name: str
@@ -143,16 +190,24 @@ class Architecture:
     final_extra: tuple[str, ...] = ()
     pre_norm: bool | str = True
     parallel_residual: bool | str = False
+    norm_offset: float = 0.0
+    qk_norm: tuple[str, str] | None = None
+    gate_up: str | None = None
+    other_norms: tuple[str, ...] = ()
+    logit_softcap: str | None = None
+    moe: MoE | None = None
 
     def __post_init__(self) -> None:
         if self.norm_kind not in NORM_KINDS:
             raise ValueError(f"{self.name}: norm_kind must be one of {NORM_KINDS}, got {self.norm_kind!r}")
-        linears = set(self.linear_names)
+        linears = set(self.linear_names) | ({self.moe.router} if self.moe is not None else set())
         edges = [lin for _, targets in self.norm_to_linears for lin in targets]
         for pair in (self.q_to_k, self.v_to_o, self.up_to_down):
             edges.extend(pair or ())
         if self.fused_qkv is not None:
             edges.append(self.fused_qkv.linear)
+        if self.gate_up is not None:
+            edges.append(self.gate_up)
         missing = [name for name in edges if name not in linears]
         if missing:
             raise ValueError(f"{self.name}: {missing} are not listed in attn_linears/mlp_linears")
@@ -161,6 +216,11 @@ class Architecture:
     def linear_names(self) -> tuple[str, ...]:
         """Block-relative names of the row's linears, in forward order (attention, then MLP)."""
         return self.attn_linears + self.mlp_linears
+
+    def softcap(self, config: Any) -> float | None:
+        """The final logit soft-cap of ``config`` (None: no cap)."""
+        value = getattr(config, self.logit_softcap, None) if self.logit_softcap else None
+        return float(value) if value else None
 
     def flag(self, field_name: str, config: Any) -> bool:
         """Value of a config-dependent flag (``"pre_norm"`` or ``"parallel_residual"``) for this ``config``."""
@@ -234,12 +294,77 @@ _GPT_NEOX = Architecture(
     parallel_residual="use_parallel_residual",
 )
 
+_QWEN3 = dataclasses.replace(
+    _LLAMA, name="Qwen3ForCausalLM", qk_norm=("self_attn.q_norm", "self_attn.k_norm"),
+    other_norms=("self_attn.q_norm", "self_attn.k_norm"))
+
+_GEMMA2 = dataclasses.replace(
+    _LLAMA,
+    name="Gemma2ForCausalLM",
+    norm_to_linears=(
+        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ),
+    # down(gelu_tanh(gate(x)) * up(x)): the scale on up's rows crosses the product, as for SiLU
+    norm_offset=1.0,
+    other_norms=("post_attention_layernorm", "post_feedforward_layernorm"),  # on the branch outputs: no linear
+    logit_softcap="final_logit_softcapping",
+)
+
+_GEMMA3 = dataclasses.replace(
+    _GEMMA2, name="Gemma3ForCausalLM", qk_norm=("self_attn.q_norm", "self_attn.k_norm"),
+    other_norms=("post_attention_layernorm", "post_feedforward_layernorm", "self_attn.q_norm", "self_attn.k_norm"))
+
+_PHI3 = dataclasses.replace(
+    _LLAMA,
+    name="Phi3ForCausalLM",
+    attn_linears=("self_attn.qkv_proj", "self_attn.o_proj"),
+    mlp_linears=("mlp.gate_up_proj", "mlp.down_proj"),
+    norm_to_linears=(
+        ("input_layernorm", ("self_attn.qkv_proj",)),
+        ("post_attention_layernorm", ("mlp.gate_up_proj",)),
+    ),
+    q_to_k=("self_attn.qkv_proj", "self_attn.qkv_proj"),
+    v_to_o=("self_attn.qkv_proj", "self_attn.o_proj"),
+    up_to_down=("mlp.gate_up_proj", "mlp.down_proj"),
+    fused_qkv=FusedQKV(linear="self_attn.qkv_proj", layout="concat"),  # qkv[..., :q], [q:q+kv], [q+kv:]
+    gate_up="mlp.gate_up_proj",  # gate, up = gate_up_proj(x).chunk(2, dim=-1)
+)
+
+_EXPERT_MLP = dict(
+    mlp_linears=("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj", "mlp.experts.*.down_proj"),
+    norm_to_linears=(
+        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        # the router reads the norm's output too: it takes the scale's compensation (and stays full precision)
+        ("post_attention_layernorm", ("mlp.gate", "mlp.experts.*.gate_proj", "mlp.experts.*.up_proj")),
+    ),
+    up_to_down=("mlp.experts.*.up_proj", "mlp.experts.*.down_proj"),  # one edge per expert
+)
+
+_MIXTRAL = dataclasses.replace(
+    _LLAMA, name="MixtralForCausalLM", **_EXPERT_MLP,
+    moe=MoE(experts="mlp.experts", router="mlp.gate", num_experts="num_local_experts", checkpoint=(
+        (r"\.mlp\.", ".block_sparse_moe."), (r"(\.experts\.\d+)\.gate_proj", r"\1.w1"),
+        (r"(\.experts\.\d+)\.up_proj", r"\1.w3"), (r"(\.experts\.\d+)\.down_proj", r"\1.w2"))),
+)
+
+_QWEN3_MOE = dataclasses.replace(
+    _QWEN3, name="Qwen3MoeForCausalLM", **_EXPERT_MLP,
+    moe=MoE(experts="mlp.experts", router="mlp.gate", num_experts="num_experts"),  # checkpoint: the same names
+)
+
 ARCHITECTURES: Mapping[str, Architecture] = MappingProxyType({
     row.name: row
     for row in (
         _LLAMA,
         dataclasses.replace(_LLAMA, name="MistralForCausalLM"),
         dataclasses.replace(_LLAMA, name="Qwen2ForCausalLM"),  # same paths; q/k/v carry biases (see linear.bias)
+        _QWEN3,
+        _GEMMA2,
+        _GEMMA3,
+        _PHI3,
+        _MIXTRAL,
+        _QWEN3_MOE,
         _OPT,
         _GPT_NEOX,
     )
@@ -337,12 +462,29 @@ def find_linears(block: nn.Module, arch: Architecture | None = None) -> dict[str
     found = {name: mod for name, mod in block.named_modules() if isinstance(mod, nn.Linear)}
     if arch is None:
         return found
-    missing = [name for name in arch.linear_names if name not in found]
+    names = [n for pattern in arch.linear_names for n in expand(block, pattern)]
+    missing = [name for name in names if name not in found]
     if missing:
         raise ModelError(
             f"{arch.name} block {type(block).__name__} has no nn.Linear named {missing}; "
             "the architecture row does not match this model"
         )
-    ordered = {name: found[name] for name in arch.linear_names}
+    ordered = {name: found[name] for name in names}
     ordered.update((name, mod) for name, mod in found.items() if name not in ordered)
     return ordered
+
+
+def expand(block: nn.Module, name: str) -> list[str]:
+    """Block-relative names matching ``name``: itself, or with ``*`` replaced by every expert index present.
+
+    A name with ``*`` whose experts are still one fused module (not yet split by :mod:`bitsmith.models.moe`)
+    raises :class:`ModelError`.
+    """
+    if EXPERT not in name:
+        return [name]
+    parent, _, rest = name.partition(f".{EXPERT}.")
+    container = resolve(block, parent)
+    if not isinstance(container, nn.ModuleList):
+        raise ModelError(f"{parent} of {type(block).__name__} is not a list of experts; split its fused experts "
+                         "first (bitsmith.models.split_experts)")
+    return [f"{parent}.{i}.{rest}" for i in range(len(container))]

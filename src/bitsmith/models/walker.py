@@ -290,9 +290,17 @@ def final_logits(model: nn.Module, arch: Architecture | None, hidden: torch.Tens
     The modules are moved to ``hidden``'s device for the call (a no-op when they are already there).
     """
     arch = arch or get_architecture(model)
+    return head_logits(model, arch, final_hidden(model, arch, hidden))
+
+
+def head_logits(model: nn.Module, arch: Architecture | None, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head and the row's final logit soft-cap ``c·tanh(z/c)`` (Gemma 2/3): (b, T, H') -> (b, T, V)."""
+    arch = arch or get_architecture(model)
     head = resolve(model, arch.lm_head)
     with on_device(head, device=hidden.device):
-        return head(final_hidden(model, arch, hidden))
+        logits = head(hidden)
+    cap = arch.softcap(model.config)
+    return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 def final_hidden(model: nn.Module, arch: Architecture | None, hidden: torch.Tensor) -> torch.Tensor:
@@ -308,9 +316,11 @@ def final_hidden(model: nn.Module, arch: Architecture | None, hidden: torch.Tens
 
 def norm_parameters(model: nn.Module, arch: Architecture | None = None) -> list[nn.Parameter]:
     """The normalisation layers' parameters (weights, LayerNorm biases): every block's norms that feed linears
-    (``norm_to_linears``) and the final norm, in model order."""
+    (``norm_to_linears``), its other norms (``other_norms``: Gemma's post-norms, q/k norms) and the final norm,
+    in model order."""
     arch = arch or get_architecture(model)
-    modules = [resolve(block, name) for block in get_blocks(model, arch) for name, _ in arch.norm_to_linears]
+    names = [name for name, _ in arch.norm_to_linears] + list(arch.other_norms)
+    modules = [resolve(block, name) for block in get_blocks(model, arch) for name in names]
     modules.append(resolve(model, arch.final_norm))
     return [p for m in modules if m is not None for p in m.parameters(recurse=False)]
 

@@ -15,7 +15,9 @@ role          weight ``(out, in)`` / 1-D norm weight                          bi
 
 ``index`` picks the rows/columns a site touches (all when None) and ``map`` says which entry of the edge's
 scale vector each of them uses (identity when None): this is how GQA (one v-row scale serves ``groups`` output-
-projection columns) and RoPE (rotary pairs share one q/k scale) are expressed, as data.
+projection columns) and RoPE (rotary pairs share one q/k scale) are expressed, as data. ``offset`` is for norms
+that compute ``x̂ · (offset + w)`` (Gemma's ``(1 + w)``): a row site then transforms ``offset + w`` and stores
+the result minus ``offset``, so ``(1 + w') = (1 + w) / s`` exactly.
 
 Each site is registered as a :mod:`torch.nn.utils.parametrize` parametrization of the module's tensor. During
 training the Hugging Face module's own forward reads the transformed tensor (differentiable in ``s`` and ``δ``);
@@ -45,6 +47,7 @@ class Site:
     role: str
     index: torch.Tensor | None = None
     map: torch.Tensor | None = None
+    offset: float = 0.0
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -61,9 +64,11 @@ def _truncate(s: torch.Tensor) -> torch.Tensor:
 class Edge(nn.Module):
     """A learnable scale (and optional shift) of length ``dim`` applied at ``sites``."""
 
-    def __init__(self, name: str, dim: int, sites: list[Site], shift: bool = False) -> None:
+    def __init__(self, name: str, dim: int, sites: list[Site], shift: bool = False,
+                 consumer: str | None = None) -> None:
         super().__init__()
         self.name = name
+        self.consumer = consumer  # which module's input statistics initialise the edge (None: none)
         self.dim = dim
         self.sites = sites
         self.scale = nn.Parameter(torch.ones(dim))
@@ -138,12 +143,17 @@ class _SiteFn(nn.Module):
                 return t + wc.to(t.dtype) @ d
             return t * s if idx is None else t.index_copy(1, idx, t[:, idx] * s)
         part = t if idx is None else t.index_select(0, idx)
+        offset = site.offset if self.tensor == "weight" else 0.0
+        if offset:
+            part = part + offset
         if site.role == "rows_mul":
             new = part * (s if part.dim() == 1 else s[:, None])
         else:
             if self.tensor == "bias" and d is not None:
                 part = part - d
             new = part / (s if part.dim() == 1 else s[:, None])
+        if offset:
+            new = new - offset
         return new if idx is None else t.index_copy(0, idx, new)
 
 
