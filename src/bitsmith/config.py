@@ -39,6 +39,10 @@ class QuantConfig:
     ``omniquant`` converts ``omniquant`` to the same trainer. Calibration: ``nsamples`` windows of ``seqlen`` tokens from ``calib``.
     ``lorc_rank``/``lorc_bits``: LoRC low-rank error compensation after the weight algorithm (ZeroQuant-V2/FP;
     rank 0 = off; ``lorc_bits`` None = fp16 factors, 2–8 = symmetric integer factors, e.g. 8).
+    ``min_expert_tokens``: mixture-of-experts policy. Each expert's linears are calibrated on the tokens the router
+    sends to them; an expert that received fewer calibration tokens than this is rounded to nearest (min/max)
+    instead (GPTQ: no Hessian from so few tokens; learned recipes: its rounding and clipping are not trained, the
+    block's LET still applies), listed with its token count in the report.
     """
 
     method: str = "rtn"
@@ -58,12 +62,15 @@ class QuantConfig:
     batch_size: int = 1
     lorc_rank: int = 0
     lorc_bits: int | None = None
+    min_expert_tokens: int = 16
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; use one of: {', '.join(METHODS)}")
         if self.weight is None and self.act is None and self.kv is None:
             raise ValueError("nothing to quantize: set weight, activation or KV-cache bits below 16")
+        if not isinstance(self.min_expert_tokens, int) or self.min_expert_tokens < 0:
+            raise ValueError(f"min_expert_tokens must be an integer >= 0, got {self.min_expert_tokens!r}")
         for name in ("nsamples", "seqlen", "batch_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -118,6 +125,7 @@ class QuantConfig:
             "batch_size": self.batch_size,
             "lorc_rank": self.lorc_rank,
             "lorc_bits": self.lorc_bits,
+            "min_expert_tokens": self.min_expert_tokens,
         }
 
     @classmethod
@@ -182,6 +190,7 @@ def _check_types(d: dict[str, Any]) -> None:
     types = {"method": str, "calib": str, "nsamples": int, "seqlen": int, "seed": int, "batch_size": int,
              "calib_order": str}
     types["lorc_rank"] = int
+    types["min_expert_tokens"] = int
     for key, typ in types.items():
         if key in d and (not isinstance(d[key], typ) or isinstance(d[key], bool)):
             raise ValueError(f"recipe key {key!r} must be {typ.__name__}, got {type(d[key]).__name__}")

@@ -27,6 +27,7 @@ from .models import (Architecture, block_forward, capture_block_inputs, final_hi
                      head_logits, norm_parameters, split_experts)
 from .models.kvcache import enable_kv_quant
 from .models.let import let_edges
+from .models.moe import expert_index
 from .models.streaming import BlockStream
 from .nn import QuantLinear, quant_linears, set_quant_state, to_fake
 from .transforms import collect_input_stats, collect_inputs
@@ -82,9 +83,11 @@ def quantize_block(block: nn.Module, config: QuantConfig, hidden: list[torch.Ten
     Returns (block statistics with ``"layers"``, quantized outputs, full-precision outputs).
     """
     names = list(find_linears(block))
-    qlinears = to_fake(block, names, _spec_fn(config))
+    all_qlinears = to_fake(block, names, _spec_fn(config))
     set_quant_state(block, weight=False, act=False)
     forward = lambda h, kw: block_forward(block, h, kw)  # noqa: E731
+    experts, few = _expert_policy(block, all_qlinears, arch, hidden, kwargs, config)
+    qlinears = {n: q for n, q in all_qlinears.items() if n not in few}  # what the algorithm calibrates
     if config.learned() is not None:
         stats, fp_out = _reconstruct(block, config, qlinears, hidden, kwargs, fp_hidden, arch, model_config, name)
     elif config.method == "awq" and config.weight is not None:
@@ -108,6 +111,11 @@ def quantize_block(block: nn.Module, config: QuantConfig, hidden: list[torch.Ten
             stats = {"layers": gptq_block(block, qlinears, hidden, kwargs, forward, config.gptq)}
         else:
             stats = {"layers": rtn_block(qlinears)}
+    if few and config.weight is not None:  # experts with too few calibration tokens: round to nearest
+        stats.setdefault("layers", {}).update(rtn_block({n: all_qlinears[n] for n in few}))
+    if experts:
+        stats["experts"] = experts
+    qlinears = all_qlinears
     for lname, s in lorc_block(qlinears, config.lorc_rank, config.lorc_bits).items():  # LoRC after any algorithm
         stats.setdefault("layers", {}).setdefault(lname, {}).update(s)
     _check_finite(fp_out, f"the outputs of {name}")
@@ -115,6 +123,42 @@ def quantize_block(block: nn.Module, config: QuantConfig, hidden: list[torch.Ten
     q_out = _outputs(block, hidden, kwargs)
     stats["output_mse"] = _mse(q_out, fp_out)
     return stats, q_out, fp_out
+
+
+@torch.no_grad()
+def _expert_policy(block: nn.Module, qlinears: dict[str, QuantLinear], arch: Architecture | None,
+                   hidden: list[torch.Tensor], kwargs: list[dict], config: QuantConfig) -> tuple[dict, set[str]]:
+    """Mixture of experts: how many calibration tokens the router sends to each expert (one full-precision pass,
+    summed over ranks) and the linears of experts below ``config.min_expert_tokens`` (rounded to nearest).
+    Returns (report entry ``{"tokens": [per expert], "min_tokens", "rtn": [expert indices], "policy"}``, names);
+    ({}, set()) for a block without experts."""
+    if arch is None or arch.moe is None:
+        return {}, set()
+    index = {n: expert_index(n, arch) for n in qlinears}
+    index = {n: e for n, e in index.items() if e is not None}
+    if not index:
+        return {}, set()
+    first = {}
+    for n, e in index.items():
+        first.setdefault(e, n)  # one linear per expert sees every token routed to it
+    counts = {e: 0 for e in first}
+    hooks = [qlinears[n].register_forward_pre_hook(
+        lambda _m, args, e=e: counts.__setitem__(e, counts[e] + args[0].shape[:-1].numel())) for e, n in first.items()]
+    try:
+        for h, kw in zip(hidden, kwargs):
+            block_forward(block, h, kw)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    order = sorted(counts)
+    totals = [int(c) for c in dist.sum_scalars([counts[e] for e in order])]
+    low = [e for e, c in zip(order, totals) if c < config.min_expert_tokens]
+    if low:
+        log.warning("experts %s received fewer than %d calibration tokens (%s); rounding them to nearest",
+                    low, config.min_expert_tokens, [totals[order.index(e)] for e in low])
+    entry = {"tokens": totals, "min_tokens": config.min_expert_tokens, "rtn": low,
+             "policy": f"experts below {config.min_expert_tokens} calibration tokens: round to nearest"}
+    return entry, {n for n, e in index.items() if e in low}
 
 
 def check_finite_weights(model: nn.Module) -> None:

