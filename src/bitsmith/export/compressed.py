@@ -11,7 +11,8 @@
    ``[−2^(N−1), 2^(N−1))`` by shifting the zero point by ``2^(N−1)``; ``(q − z)·s`` is unchanged);
 3. ``ModelCompressor`` compresses the model (``pack-quantized`` for INT weights, ``float-quantized`` for FP8),
    the model is saved with ``save_pretrained`` and ``update_config`` adds the ``quantization_config`` to
-   ``config.json``.
+   ``config.json``. A mixture of experts is saved with one linear per expert under the checkpoint's own names
+   (``MoE.checkpoint``: Mixtral's ``block_sparse_moe.experts.E.w1``, Qwen3-MoE's ``mlp.experts.E.gate_proj``).
 
 Layers compressed-tensors cannot represent (:func:`check_exportable`): ragged groups (``in % group_size != 0``,
 e.g. a 172-wide ``down_proj`` with groups of 32), FP formats other than E4M3 (FP4/FP6 need the NVFP4/MXFP block
@@ -102,7 +103,7 @@ def export_compressed_tensors(src: str | Path, dest: str | Path, overwrite: bool
     from compressed_tensors.quantization.lifecycle.apply import apply_quantization_config
     from safetensors.torch import load_file
 
-    from ..models import load_model
+    from ..models import get_architecture, load_model
     from .hf import atomic_folder, check_output_dir, read_report
     from .packed import PACKED_NAME, build_packed_linear, read_packed_config
 
@@ -161,8 +162,31 @@ def export_compressed_tensors(src: str | Path, dest: str | Path, overwrite: bool
     compressor.compress_model(model)
     with atomic_folder(dest) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        _checkpoint_names(tmp, get_architecture(model))
         compressor.update_config(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     log.info("wrote compressed-tensors checkpoint (%s) to %s", qconfig.format, dest)
     return dest
+
+
+def _checkpoint_names(folder: Path, arch) -> None:
+    """Rename the saved tensors of a mixture of experts to the checkpoint's own expert names (Mixtral's
+    ``experts.E.w1/w3/w2``), which is what transformers' loader and vLLM look for; a no-op for other rows."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    if arch.moe is None or not arch.moe.checkpoint:
+        return
+    renamed: dict[str, str] = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        tensors = load_file(str(path))
+        out = {arch.moe.saved_name(k) if ".experts." in k else k: v for k, v in tensors.items()}
+        renamed.update({k: arch.moe.saved_name(k) for k in tensors if ".experts." in k})
+        save_file(out, str(path), metadata={"format": "pt"})
+    index = Path(folder) / "model.safetensors.index.json"
+    if index.is_file():
+        body = json.loads(index.read_text())
+        body["weight_map"] = {renamed.get(k, k): v for k, v in body.get("weight_map", {}).items()}
+        index.write_text(json.dumps(body, indent=2) + "\n")
