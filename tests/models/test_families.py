@@ -148,3 +148,35 @@ def test_cli_quantize_export_compressed_tensors_loads_in_transformers(tmp_path, 
     ref, _ = load_model(src)
     ids = random_ids(2, 32, seed=9)
     torch.testing.assert_close(_logits(model, ids), _logits(ref, ids), atol=1e-4, rtol=0)
+
+
+def _saved(tmp_path, family):
+    tiny_model(family).save_pretrained(tmp_path / "m")
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("".join(json.dumps({"input_ids": r}) + "\n" for r in random_ids(8, 32, seed=7).tolist()))
+    return tmp_path / "m", calib
+
+
+@pytest.mark.parametrize("family", NEW)
+def test_cli_awq_and_omniquant_w4a4_and_fp_eval(tmp_path, family, capsys):
+    """AWQ and OmniQuant (LWC + LET, W4A4) run from the CLI; evaluating the unquantized folder gives the plain
+    transformers perplexity on the same windows."""
+    from bitsmith.cli.main import main
+
+    model_dir, calib = _saved(tmp_path, family)
+    common = ["--calib", str(calib), "--nsamples", "8", "--seqlen", "32", "-q"]
+    assert main(["quantize", str(model_dir), "--method", "awq", "--wbits", "4", "--group-size", "16", *common,
+                 "-o", str(tmp_path / "awq")]) == 0
+    assert main(["quantize", str(model_dir), "--method", "omniquant", "--let", "--epochs", "1", "--wbits", "4",
+                 "--abits", "4", *common, "-o", str(tmp_path / "omni")]) == 0
+    body = json.loads((tmp_path / "omni" / "bitsmith.json").read_text())
+    assert body["recipe"]["act"] is not None and len(body["blocks"]) == 2
+    capsys.readouterr()
+    out = tmp_path / "ppl.json"
+    assert main(["eval", str(model_dir), "--ppl", str(calib), "--seqlen", "32", "--json", str(out), "-q"]) == 0
+    got = next(iter(json.loads(out.read_text())["ppl"].values()))
+    ids = random_ids(8, 32, seed=7)
+    hf = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    logp = torch.log_softmax(_logits(hf, ids).float(), dim=-1)
+    want = float(torch.exp(-logp[:, :-1].gather(-1, ids[:, 1:, None]).mean()))
+    assert got == pytest.approx(want, rel=1e-5)
