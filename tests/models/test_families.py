@@ -20,7 +20,7 @@ from bitsmith.algorithms.rtn import rtn_quantize
 from bitsmith.config import LEARNED, QuantConfig
 from bitsmith.export.hf import save_quantized
 from bitsmith.formats import IntFormat, PerGroup, QuantSpec
-from bitsmith.models import fused_experts, get_architecture, get_blocks, split_experts
+from bitsmith.models import find_linears, fused_experts, get_architecture, get_blocks, split_experts
 from bitsmith.models.moe import ExpertList
 from bitsmith.pipeline import quantize_model
 
@@ -148,6 +148,13 @@ def test_cli_quantize_export_compressed_tensors_loads_in_transformers(tmp_path, 
     ref, _ = load_model(src)
     ids = random_ids(2, 32, seed=9)
     torch.testing.assert_close(_logits(model, ids), _logits(ref, ids), atol=1e-4, rtol=0)
+    import bitsmith
+    from bitsmith.nn.packed import PackedLinear
+
+    packed = bitsmith.load(src)  # the packed codes, every expert linear included
+    n_linears = sum(len(find_linears(b, arch)) for b in get_blocks(ref, arch))
+    assert sum(isinstance(m, PackedLinear) for m in packed.modules()) == n_linears
+    torch.testing.assert_close(_logits(packed, ids), _logits(ref, ids), atol=1e-5, rtol=0)
 
 
 def _saved(tmp_path, family):
