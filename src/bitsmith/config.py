@@ -69,8 +69,9 @@ class QuantConfig:
             raise ValueError(f"unknown method {self.method!r}; use one of: {', '.join(METHODS)}")
         if self.weight is None and self.act is None and self.kv is None:
             raise ValueError("nothing to quantize: set weight, activation or KV-cache bits below 16")
-        if not isinstance(self.min_expert_tokens, int) or self.min_expert_tokens < 0:
-            raise ValueError(f"min_expert_tokens must be an integer >= 0, got {self.min_expert_tokens!r}")
+        if not isinstance(self.min_expert_tokens, int) or self.min_expert_tokens < 1:
+            raise ValueError(f"min_expert_tokens must be an integer >= 1 (an expert without tokens cannot be "
+                             f"calibrated), got {self.min_expert_tokens!r}")
         for name in ("nsamples", "seqlen", "batch_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:

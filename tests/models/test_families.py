@@ -187,3 +187,37 @@ def test_cli_awq_and_omniquant_w4a4_and_fp_eval(tmp_path, family, capsys):
     logp = torch.log_softmax(_logits(hf, ids).float(), dim=-1)
     want = float(torch.exp(-logp[:, :-1].gather(-1, ids[:, 1:, None]).mean()))
     assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_gptq_collects_many_experts_hessians_in_passes(monkeypatch):
+    """Hessians split into passes (a budget holding one layer's) give exactly the codes of one pass; the memory
+    plan counts at most the budget's worth of Hessians."""
+    from bitsmith.algorithms import block as block_mod
+    from bitsmith.utils.memory import block_need
+
+    assert block_mod.hessian_passes({"a": 32, "b": 32, "c": 64}, 2 * 4 * 32 * 32) == [["a", "b"], ["c"]]
+    assert block_mod.hessian_passes({"a": 32, "b": 32}, 10**9) == [["a", "b"]]
+    spec = QuantSpec(IntFormat(4), PerGroup(16))
+
+    def run(passes):
+        model = tiny_model("mixtral")
+        if passes is not None:
+            monkeypatch.setattr(block_mod, "hessian_passes", passes)
+        res = quantize_model(model, get_architecture(model), QuantConfig(method="gptq", weight=spec, nsamples=4,
+                             seqlen=16), random_ids(4, 16), CPU, progress=False)
+        return res.frozen
+
+    one = run(None)
+    calls = []
+
+    def single(widths, budget):
+        calls.append(len(widths))
+        return [[n] for n in widths]
+
+    split = run(single)
+    assert calls and max(calls) == 4 + 12  # attention + 4 experts × 3 linears, one per pass
+    assert one.keys() == split.keys() and all(torch.equal(one[n].codes, split[n].codes) for n in one)
+    kw = dict(weight_bytes=0, linears=[(64, 32)] * 12, hidden=32, intermediate=64, heads=4, batch=1, seqlen=16,
+              elem=4, gptq=True)
+    assert block_need(**kw, hessian_budget=4 * 32 * 32)["GPTQ Hessians"] == 4 * 32 * 32
+    assert block_need(**kw)["GPTQ Hessians"] == 11 * 4 * 32 * 32

@@ -108,15 +108,31 @@ def _solve_block(block: nn.Module, qlinears: dict[str, QuantLinear], inputs: lis
     weights or None)``. Under torch.distributed each rank solves the layers it owns and the owner's result
     reaches every rank (one process: all owned)."""
     targets = {n: q for n, q in qlinears.items() if q.weight_quantizer is not None}
-    hessians = collect_hessians(block, targets, inputs, kwargs, forward)
     solved = {}
     owners = dist.assign_owners({n: gptq_cost(q.out_features, q.in_features) for n, q in targets.items()})
-    for name, q in targets.items():
-        h = hessians.pop(name)
-        if owners[name] == dist.rank():
-            qt, loss, w = gptq_solve(q.weight, h, q.weight_quantizer.spec, cfg)
-            solved[name] = (qt, loss, w if latent else None)
+    for names in hessian_passes({n: q.in_features for n, q in targets.items()}, cfg.hessian_mb * 2**20):
+        hessians = collect_hessians(block, {n: targets[n] for n in names}, inputs, kwargs, forward)
+        for name in names:
+            h, q = hessians.pop(name), targets[name]
+            if owners[name] == dist.rank():
+                qt, loss, w = gptq_solve(q.weight, h, q.weight_quantizer.spec, cfg)
+                solved[name] = (qt, loss, w if latent else None)
     return {name: (q, *_from_owner(solved.get(name), owners[name], q)) for name, q in targets.items()}
+
+
+def hessian_passes(in_features: dict[str, int], budget: int) -> list[list[str]]:
+    """Split layers (name → input width) into consecutive passes whose Hessians (``4·in²`` bytes each) fit
+    ``budget`` bytes together (a layer larger than the budget gets a pass of its own). One pass when all fit."""
+    passes: list[list[str]] = [[]]
+    held = 0
+    for name, cols in in_features.items():
+        need = 4 * cols * cols
+        if passes[-1] and held + need > budget:
+            passes.append([])
+            held = 0
+        passes[-1].append(name)
+        held += need
+    return [p for p in passes if p]
 
 
 def gptq_cost(out_features: int, in_features: int) -> float:

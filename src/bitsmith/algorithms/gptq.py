@@ -29,16 +29,21 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class GPTQConfig:
     """GPTQ options: relative dampening ``percdamp`` (of mean diag H), lazy ``blocksize``, ``actorder``,
-    and ``static_groups`` (fix group qparams from the original weights)."""
+    and ``static_groups`` (fix group qparams from the original weights). ``hessian_mb``: most MiB of Hessians
+    (``in × in`` fp32 each) held at once; a block whose linears need more (a mixture of many experts) collects
+    them in several passes over its calibration inputs, solving each pass's layers before the next."""
 
     percdamp: float = 0.01
     blocksize: int = 128
     actorder: bool = False
     static_groups: bool = False
+    hessian_mb: int = 4096
 
     def __post_init__(self) -> None:
         if not 0.0 < self.percdamp < 10.0:
             raise ValueError(f"GPTQ dampening must be in (0, 10), got {self.percdamp}; the usual value is 0.01")
+        if not isinstance(self.hessian_mb, int) or self.hessian_mb < 1:
+            raise ValueError(f"GPTQ hessian_mb must be a positive integer (MiB), got {self.hessian_mb!r}")
         if self.blocksize < 1:
             raise ValueError(f"GPTQ block size must be ≥ 1, got {self.blocksize}; the usual value is 128")
 

@@ -168,7 +168,8 @@ class ScaleRun:
                 batch=config.batch_size * int(getattr(rc, "batch", 1)), seqlen=config.seqlen, elem=elem,
                 gptq=config.method == "gptq" or getattr(rc, "start", None) == "gptq", trained=rc is not None,
                 rounding=bool(getattr(rc, "rounding", False)), group_size=getattr(gran, "group_size", None),
-                collected_tokens=config.awq.max_tokens if config.method == "awq" else 0)
+                collected_tokens=config.awq.max_tokens if config.method == "awq" else 0,
+                hessian_budget=config.gptq.hessian_mb * 2**20)
             if sum(parts.values()) > sum(worst[1].values()):
                 worst = (i, parts)
         index, parts = worst

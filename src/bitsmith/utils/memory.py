@@ -272,8 +272,8 @@ def accelerator_memory(device: torch.device | str) -> tuple[int, int] | None:
 
 def block_need(*, weight_bytes: int, linears: Sequence[tuple[int, int]], hidden: int, intermediate: int,
                heads: int, batch: int, seqlen: int, elem: int, gptq: bool = False, trained: bool = False,
-               rounding: bool = False, group_size: int | None = None, collected_tokens: int = 0
-               ) -> dict[str, int]:
+               rounding: bool = False, group_size: int | None = None, collected_tokens: int = 0,
+               hessian_budget: int = 0) -> dict[str, int]:
     """Bytes one decoder block needs on the compute device while it is quantized, by part (an estimate that
     errs high; calibration activations are counted separately, see :func:`activation_set_bytes`).
 
@@ -288,7 +288,8 @@ def block_need(*, weight_bytes: int, linears: Sequence[tuple[int, int]], hidden:
     materialise: an upper bound); AWQ's collected inputs (``collected_tokens`` per linear input); and the larger
     of GPTQ at its worst step (the Hessians not yet solved, ``in × in`` fp32 each, a block's all collected in one
     pass, plus the solver's workspace for the linear being solved: five ``in × in`` fp32 — permuted Hessian,
-    identity, Cholesky factor, inverse, its factor — and three ``out × in`` fp32 — weight, codes, latent) and
+    identity, Cholesky factor, inverse, its factor — and three ``out × in`` fp32 — weight, codes, latent; at most
+    ``hessian_budget`` bytes of Hessians when given, GPTQ's ``hessian_mb``: many experts are collected in passes) and
     training (autograd keeps twice the forward intermediates for backward; trained parameters, gradients and AdamW
     moments: per weight with learned rounding, else per group).
     """
@@ -305,6 +306,8 @@ def block_need(*, weight_bytes: int, linears: Sequence[tuple[int, int]], hidden:
         steps = [(sum(4 * i * i for _, i in linears[k + 1:]), 5 * 4 * i * i + 3 * 4 * o * i)
                  for k, (o, i) in enumerate(linears)]
         pending, solver = max(steps, key=sum)
+        if hessian_budget:  # GPTQConfig.hessian_mb: collected in passes of at most this much (or one layer's)
+            pending = min(pending, max(hessian_budget, max(4 * i * i for _, i in linears)))
         algo = {"GPTQ Hessians": pending, "GPTQ solver": solver}
     if trained:  # after any GPTQ start point (its workspace is freed)
         learned = n_weights if rounding else sum(2 * o * -(-i // (group_size or i)) for o, i in linears)
