@@ -115,8 +115,7 @@ def quantize_block(block: nn.Module, config: QuantConfig, hidden: list[torch.Ten
         stats.setdefault("layers", {}).update(rtn_block({n: all_qlinears[n] for n in few}))
     if experts:
         stats["experts"] = experts
-    qlinears = all_qlinears
-    for lname, s in lorc_block(qlinears, config.lorc_rank, config.lorc_bits).items():  # LoRC after any algorithm
+    for lname, s in lorc_block(all_qlinears, config.lorc_rank, config.lorc_bits).items():  # LoRC after any algorithm
         stats.setdefault("layers", {}).setdefault(lname, {}).update(s)
     _check_finite(fp_out, f"the outputs of {name}")
     set_quant_state(block, weight=True, act=_any_act(config))
@@ -152,11 +151,11 @@ def _expert_policy(block: nn.Module, qlinears: dict[str, QuantLinear], arch: Arc
             hk.remove()
     order = sorted(counts)
     totals = [int(c) for c in dist.sum_scalars([counts[e] for e in order])]
-    low = [e for e, c in zip(order, totals) if c < config.min_expert_tokens]
+    low = {e: c for e, c in zip(order, totals) if c < config.min_expert_tokens}
     if low:
         log.warning("experts %s received fewer than %d calibration tokens (%s); rounding them to nearest",
-                    low, config.min_expert_tokens, [totals[order.index(e)] for e in low])
-    entry = {"tokens": totals, "min_tokens": config.min_expert_tokens, "rtn": low,
+                    list(low), config.min_expert_tokens, list(low.values()))
+    entry = {"tokens": totals, "min_tokens": config.min_expert_tokens, "rtn": list(low),
              "policy": f"experts below {config.min_expert_tokens} calibration tokens: round to nearest"}
     return entry, {n for n, e in index.items() if e in low}
 

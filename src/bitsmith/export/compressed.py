@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from ..formats import E4M3, FPFormat, IntFormat, PerChannel, PerGroup, PerTensor, QuantSpec, spec_from_dict
+from ..models import get_architecture
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def export_compressed_tensors(src: str | Path, dest: str | Path, overwrite: bool
     from compressed_tensors.quantization.lifecycle.apply import apply_quantization_config
     from safetensors.torch import load_file
 
-    from ..models import get_architecture, load_model
+    from ..models import load_model
     from .hf import atomic_folder, check_output_dir, read_report
     from .packed import PACKED_NAME, build_packed_linear, read_packed_config
 
@@ -161,8 +162,7 @@ def export_compressed_tensors(src: str | Path, dest: str | Path, overwrite: bool
     compressor = ModelCompressor.from_pretrained_model(model)
     compressor.compress_model(model)
     with atomic_folder(dest) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        _checkpoint_names(tmp, get_architecture(model))
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=_checkpoint_state(model))
         compressor.update_config(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -170,23 +170,13 @@ def export_compressed_tensors(src: str | Path, dest: str | Path, overwrite: bool
     return dest
 
 
-def _checkpoint_names(folder: Path, arch) -> None:
-    """Rename the saved tensors of a mixture of experts to the checkpoint's own expert names (Mixtral's
-    ``experts.E.w1/w3/w2``), which is what transformers' loader and vLLM look for; a no-op for other rows."""
-    import json
 
-    from safetensors.torch import load_file, save_file
-
-    if arch.moe is None or not arch.moe.checkpoint:
-        return
-    renamed: dict[str, str] = {}
-    for path in sorted(Path(folder).glob("*.safetensors")):
-        tensors = load_file(str(path))
-        out = {arch.moe.saved_name(k) if ".experts." in k else k: v for k, v in tensors.items()}
-        renamed.update({k: arch.moe.saved_name(k) for k in tensors if ".experts." in k})
-        save_file(out, str(path), metadata={"format": "pt"})
-    index = Path(folder) / "model.safetensors.index.json"
-    if index.is_file():
-        body = json.loads(index.read_text())
-        body["weight_map"] = {renamed.get(k, k): v for k, v in body.get("weight_map", {}).items()}
-        index.write_text(json.dumps(body, indent=2) + "\n")
+def _checkpoint_state(model) -> dict[str, torch.Tensor]:
+    """The model's state dict with a mixture of experts' tensors under the checkpoint's own expert names
+    (Mixtral's ``experts.E.w1/w3/w2``), which is what transformers' loader and vLLM look for; other rows' names
+    are unchanged."""
+    moe = get_architecture(model).moe
+    state = model.state_dict()
+    if moe is None or not moe.checkpoint:
+        return state
+    return {moe.saved_name(k) if ".experts." in k else k: v for k, v in state.items()}

@@ -42,9 +42,9 @@ from .walker import (
 )
 
 __all__ = [
-    "ARCHITECTURES", "Architecture", "MoE", "expand", "split_experts", "fused_experts", "BlockInputs", "FusedQKV", "Geometry", "ModelError", "block_forward",
-    "blockwise_logits", "capture_block_inputs", "final_hidden", "final_logits", "find_linears", "geometry", "head_logits",
-    "get_architecture", "get_blocks", "iter_blocks", "load_model", "model_context_length", "norm_parameters",
-    "on_device", "resolve", "rope_pairs",
-    "run_blocks", "supported_architectures",
+    "ARCHITECTURES", "Architecture", "BlockInputs", "FusedQKV", "Geometry", "MoE", "ModelError", "block_forward",
+    "blockwise_logits", "capture_block_inputs", "expand", "final_hidden", "final_logits", "find_linears",
+    "fused_experts", "geometry", "get_architecture", "get_blocks", "head_logits", "iter_blocks", "load_model",
+    "model_context_length", "norm_parameters", "on_device", "resolve", "rope_pairs", "run_blocks", "split_experts",
+    "supported_architectures",
 ]

@@ -102,7 +102,7 @@ def split_experts(model: nn.Module, arch: Architecture) -> int:
         if isinstance(current, ExpertList) or current is None:
             continue
         if any(p.is_meta for p in current.parameters()):
-            continue  # a streamed skeleton: its blocks are split as they are materialised
+            continue  # a meta skeleton has no weights to split (streaming refuses MoE checkpoints up front)
         setattr(parent, child, _split(current))
         count += 1
     if count:
@@ -114,9 +114,8 @@ def _fuse(experts: ExpertList) -> nn.Module:
     """The original experts module with 3-D parameters holding each expert's current (e.g. dequantized) weights."""
     fused = experts.fused
 
-    def weight(module: nn.Module) -> torch.Tensor:
-        w = module.weight
-        return (module.effective_weight() if hasattr(module, "effective_weight") else w).detach()
+    def weight(module: nn.Module) -> torch.Tensor:  # a plain Linear, or a QuantLinear left by finalize_block
+        return (module.effective_weight() if hasattr(module, "effective_weight") else module.weight).detach()
 
     gate_up = torch.stack([torch.cat([weight(x.gate_proj), weight(x.up_proj)]) for x in experts])
     down = torch.stack([weight(x.down_proj) for x in experts])

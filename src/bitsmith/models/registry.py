@@ -31,6 +31,7 @@ Extensions of the row model for today's families (each one field, general, used 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -130,7 +131,7 @@ class MoE:
 
     ``experts``: block path of the experts module (3-D parameters ``gate_up_proj (E, 2I, H)``, ``down_proj
     (E, H, I)`` in transformers 5, or already one linear per expert). ``router``: block path of the router
-    (a module with ``weight (E, H)``), kept in full precision. ``num_experts``: the config attribute holding E.
+    (a module with ``weight (E, H)``), kept in full precision.
     ``checkpoint``: regex renames ``(pattern, replacement)`` from bitsmith's qualified names
     (``model.layers.0.mlp.experts.3.gate_proj``) to the names the checkpoint on disk uses (Mixtral's
     ``model.layers.0.block_sparse_moe.experts.3.w1``), applied by the exports in order.
@@ -138,13 +139,10 @@ class MoE:
 
     experts: str
     router: str
-    num_experts: str
     checkpoint: tuple[tuple[str, str], ...] = ()
 
     def saved_name(self, name: str) -> str:
         """The checkpoint's name for bitsmith's qualified module/tensor name ``name``."""
-        import re
-
         for pattern, replacement in self.checkpoint:
             name = re.sub(pattern, replacement, name)
         return name
@@ -343,14 +341,14 @@ _EXPERT_MLP = dict(
 
 _MIXTRAL = dataclasses.replace(
     _LLAMA, name="MixtralForCausalLM", **_EXPERT_MLP,
-    moe=MoE(experts="mlp.experts", router="mlp.gate", num_experts="num_local_experts", checkpoint=(
+    moe=MoE(experts="mlp.experts", router="mlp.gate", checkpoint=(
         (r"\.mlp\.", ".block_sparse_moe."), (r"(\.experts\.\d+)\.gate_proj", r"\1.w1"),
         (r"(\.experts\.\d+)\.up_proj", r"\1.w3"), (r"(\.experts\.\d+)\.down_proj", r"\1.w2"))),
 )
 
 _QWEN3_MOE = dataclasses.replace(
     _QWEN3, name="Qwen3MoeForCausalLM", **_EXPERT_MLP,
-    moe=MoE(experts="mlp.experts", router="mlp.gate", num_experts="num_experts"),  # checkpoint: the same names
+    moe=MoE(experts="mlp.experts", router="mlp.gate"),  # checkpoint: the same names
 )
 
 ARCHITECTURES: Mapping[str, Architecture] = MappingProxyType({
