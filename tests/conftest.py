@@ -23,6 +23,15 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+def engine_python(name: str, env: str) -> str:
+    """The Python of a real inference engine's own venv (``$env``, else ``../engines/<name>/bin/python`` beside the
+    project); skips the calling test with the install hint when absent. Engines are never project dependencies."""
+    path = Path(os.environ.get(env, PROJECT_ROOT.parent / "engines" / name / "bin" / "python"))
+    if not path.is_file():
+        pytest.skip(f"no {name} venv at {path}: see the README's Deployment section (or set {env})")
+    return str(path)
+
+
 @pytest.fixture
 def seeded() -> None:
     torch.manual_seed(0)

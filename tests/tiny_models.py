@@ -116,3 +116,20 @@ def tiny_model(family: str, seed: int = 0, **overrides: object) -> nn.Module:
 def random_ids(n: int, t: int, seed: int = 1, vocab: int = VOCAB) -> torch.Tensor:
     """LongTensor (n, t) of token ids."""
     return torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def engine_model(folder, seed: int = 0):
+    """A Llama model shaped for real inference engines, saved to ``folder`` (fp32): head_dim 64 (vLLM's CPU
+    attention refuses 16), GQA 2:1, hidden 128, FFN 384 (a multiple of 128, so W4AFP8's groups of 128 fit),
+    vocab 512 (the stories260K samples' token ids). Weights N(0, 0.08), seeded. Returns the folder."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=512,
+                         tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    model.save_pretrained(folder)
+    return folder

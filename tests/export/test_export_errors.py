@@ -16,7 +16,8 @@ def test_missing_library_is_one_line_error_with_install_hint(tmp_path, capsys, m
     assert rc == 2 and len(err) == 1 and '.[export]' in err[0] and not (tmp_path / "o").exists()
 
 
-def test_export_of_a_folder_without_pack_names_the_fix(tmp_path, capsys):
+def test_export_of_an_ordinary_folder_names_the_fix(tmp_path, capsys):
     pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed: pip install -e '.[export]'")
+    (tmp_path / "config.json").write_text("{}")
     rc = main(["export", str(tmp_path), "--format", "compressed-tensors", "--output", str(tmp_path / "o"), "-q"])
-    assert rc == 2 and "--pack" in capsys.readouterr().err
+    assert rc == 2 and "bitsmith quantize" in capsys.readouterr().err

@@ -10,15 +10,17 @@ import json
 import logging
 import math
 import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import shared_path
+from conftest import engine_python, shared_path
 from safetensors.torch import load_file
 
 from bitsmith.cli.main import main
-from bitsmith.export.packed import PACKED_NAME, build_packed_linear, read_packed_config
+from bitsmith.export.packed import PACKED_DIR, PACKED_NAME, build_packed_linear, read_packed_config
 from bitsmith.formats import E2M1, IntFormat, PerChannel, PerGroup, PerTensor, QuantSpec
 
 from bitsmith.export.gguf import encode_blocks, gguf_type_for, rope_permutation
@@ -170,7 +172,7 @@ def _check_round_trip(src, path, heads, kv_heads):
     reader = gguf.GGUFReader(str(path))
     by_name = {t.name: t for t in reader.tensors}
     body = read_packed_config(src)
-    packed = load_file(str(src / PACKED_NAME))
+    packed = load_file(str(src / PACKED_DIR / PACKED_NAME))
     hf = load_file(str(src / "model.safetensors"))
     for name, entry in body["layers"].items():
         layer, short = name.split(".")[2], SHORT[name.rsplit(".", 1)[1]]
@@ -330,17 +332,16 @@ def _bitsmith_nll(folder, windows) -> float:
                                                    windows[:, 1:].reshape(-1)))
 
 
-def _llamacpp_nll(path, windows) -> float:
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(path), n_ctx=windows.shape[1], logits_all=True, n_threads=1, verbose=False)
-    total = 0.0
-    for w in windows.tolist():
-        llm.reset()
-        llm.eval(w)
-        logits = torch.tensor(llm.scores[: len(w) - 1], dtype=torch.float64)
-        total += float(torch.nn.functional.cross_entropy(logits, torch.tensor(w[1:]), reduction="sum"))
-    return total / (windows.shape[0] * (windows.shape[1] - 1))
+def _llamacpp(mode: str, path, data, tmp_path) -> dict:
+    """Run ``tests/clients/llamacpp_client.py`` in llama.cpp's own venv (skipped when absent)."""
+    python = engine_python("llamacpp", "BITSMITH_LLAMACPP_PYTHON")
+    (tmp_path / "data.json").write_text(json.dumps(data))
+    out = tmp_path / "llamacpp.json"
+    client = Path(__file__).resolve().parents[1] / "clients" / "llamacpp_client.py"
+    done = subprocess.run([python, str(client), mode, str(path), str(tmp_path / "data.json"), str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())
 
 
 @needs_gguf
@@ -350,12 +351,13 @@ def _llamacpp_nll(path, windows) -> float:
 def test_llamacpp_perplexity_matches_bitsmith(tmp_path, flags):
     """llama.cpp runs the exported file with the perplexity bitsmith measures on the same weights (llama.cpp
     quantizes activations to 8 bits for its Q-type dot products, so they agree closely, not exactly)."""
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
+    engine_python("llamacpp", "BITSMITH_LLAMACPP_PYTHON")
     src = _quantize(tmp_path / "q", "aidreams260K", *flags)
     assert main(["export", str(src), "--format", "gguf", "--output", str(tmp_path / "m.gguf"), "-q"]) == 0
     lines = (shared_path("data", "aidreams260K-samples", "test.jsonl")).read_text().splitlines()[:20]
     windows = torch.tensor([json.loads(line)["input_ids"][:128] for line in lines])
-    ours, theirs = math.exp(_bitsmith_nll(src, windows)), math.exp(_llamacpp_nll(tmp_path / "m.gguf", windows))
+    theirs = math.exp(_llamacpp("nll", tmp_path / "m.gguf", windows.tolist(), tmp_path)["nll"])
+    ours = math.exp(_bitsmith_nll(src, windows))
     assert abs(theirs - ours) / ours < 2e-3, (ours, theirs)  # measured: +0.005 % (Q4_0), +0.013 % (Q8_0)
 
 
@@ -363,13 +365,13 @@ def test_llamacpp_perplexity_matches_bitsmith(tmp_path, flags):
 @pytest.mark.llamacpp
 def test_llamacpp_tokenizes_text_like_the_hf_tokenizer(aidreams_w4, tmp_path):
     """The exported byte-fallback BPE vocabulary (merge-rank scores) tokenizes text as the original tokenizer."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    engine_python("llamacpp", "BITSMITH_LLAMACPP_PYTHON")
     from transformers import AutoTokenizer
 
     assert main(["export", str(aidreams_w4), "--format", "gguf", "--output", str(tmp_path / "m.gguf"), "-q"]) == 0
-    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), vocab_only=True, verbose=False)
     hf = AutoTokenizer.from_pretrained(str(aidreams_w4))
     lines = shared_path("data", "aidreams260K-samples", "test.txt").read_text().splitlines()[:50]
-    for line in lines:
-        assert llm.tokenize(line.encode(), add_bos=False) == hf(line, add_special_tokens=False)["input_ids"], line
-    assert llm.tokenize(b"hi")[0] == hf.bos_token_id
+    got = _llamacpp("tokenize", tmp_path / "m.gguf", lines, tmp_path)
+    for line, ids in zip(lines, got["ids"]):
+        assert ids == hf(line, add_special_tokens=False)["input_ids"], line
+    assert got["bos"] == hf.bos_token_id

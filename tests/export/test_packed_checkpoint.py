@@ -10,7 +10,7 @@ from conftest import shared_path
 
 import bitsmith
 from bitsmith.cli.main import main
-from bitsmith.export.packed import PACKED_CONFIG, PACKED_NAME, read_packed_config
+from bitsmith.export.packed import PACKED_CONFIG, PACKED_DIR, PACKED_NAME, read_packed_config
 from bitsmith.formats.packing import packed_words
 from bitsmith.models import load_model
 from bitsmith.nn import PackedLinear
@@ -49,7 +49,8 @@ def test_packed_load_matches_saved_model(tmp_path, flags, monkeypatch):
 
     monkeypatch.setattr(packed_mod, "save_packed", spy)
     out = _quantize(tmp_path, "q", *flags)
-    assert (out / PACKED_NAME).is_file() and (out / PACKED_CONFIG).is_file()
+    assert (out / PACKED_DIR / PACKED_NAME).is_file() and (out / PACKED_DIR / PACKED_CONFIG).is_file()
+    assert [p.name for p in out.glob("*.safetensors")] == ["model.safetensors"]  # vLLM reads every one of these
     assert not list(out.glob(".*")) and not list(tmp_path.glob(".q.tmp-*"))  # written in the temp folder, renamed
     body = read_packed_config(out)
     frozen = captured["frozen"]
@@ -108,6 +109,6 @@ def test_packed_load_reapplies_activation_quant(tmp_path):
     assert (got - weight_only).abs().max() > 1e-4  # the activation quantizers are really there
 
 
-def test_load_without_pack_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="--pack"):
+def test_load_of_an_ordinary_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="not a bitsmith output folder"):
         bitsmith.load(tmp_path)

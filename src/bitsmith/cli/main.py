@@ -102,8 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted run from OUTPUT.partial (same settings and data)")
     q.add_argument("--ppl", default=None, help="after quantizing, evaluate perplexity on these datasets")
     q.add_argument("--ppl-limit", type=int, default=None, help="evaluate only the first N windows")
-    q.add_argument("--pack", action="store_true",
-                   help="also write quantized.safetensors + quantization.json (packed codes; bitsmith.load)")
+    q.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
+                   help="write the packed codes to packed/quantized.safetensors + packed/quantization.json "
+                        "(default; bitsmith.load and exports read them; --no-pack: only the dense weights)")
     scale.add_arguments(q)  # --stream, --max-memory, --offload-dir, --max-shard-size
     _add_common(q)
 
@@ -128,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dataset", default=None, help="perplexity dataset to plot (default: the first one found)")
     _add_common(c)
 
-    x = sub.add_parser("export", help="convert a bitsmith --pack output folder to another checkpoint format")
-    x.add_argument("model", help="bitsmith output folder made with quantize --pack")
+    x = sub.add_parser("export", help="convert a bitsmith output folder to another checkpoint format")
+    x.add_argument("model", help="bitsmith output folder (written by bitsmith quantize)")
     x.add_argument("--format", required=True, choices=["compressed-tensors", "gguf"],
                    help="target checkpoint format (gguf: llama.cpp, LLaMA-family models)")
     x.add_argument("--output", "-o", required=True,

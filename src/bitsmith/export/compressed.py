@@ -1,7 +1,7 @@
 """compressed-tensors export (the checkpoint format vLLM and llm-compressor read), through the library's own API.
 
-``bitsmith export OUT --format compressed-tensors --output DIR`` reads a bitsmith output folder made with
-``--pack`` (the frozen codes and scales in ``quantized.safetensors`` are the source of truth), then:
+``bitsmith export OUT --format compressed-tensors --output DIR`` reads a bitsmith output folder (its packed codes,
+or codes recovered from its on-grid weights: :mod:`bitsmith.export.source`), then:
 
 1. builds one ``QuantizationScheme`` per distinct weight spec (``QuantizationArgs``: INT ``num_bits``,
    symmetric or not, ``channel``/``group``/``tensor`` strategy; or FP8 E4M3 as ``type="float"``), targeting the
@@ -20,8 +20,15 @@ layouts, which bitsmith's scales do not follow) and layers with LoRC factors are
 holds their exact dequantized weight (as the Hugging Face folder does), so the model computes the same function,
 and one warning lists them with the reason. ``strict=True`` (``--strict``) turns that into a one-line
 ``ValueError`` naming the layer and the fix, before anything is written. M1/M2-constrained FP8 scales are ordinary
-scales. Activation or KV-cache quantization always raises (the export is weight-only and would change the model's
-outputs); so does a folder without any exportable layer.
+scales. A folder without any exportable layer raises.
+
+**Weight × activation.** When the recipe quantizes activations (dynamic, per token), every scheme also gets
+``input_activations`` (8 bits, ``strategy="token"``, ``dynamic=True``; INT8 keeps bitsmith's asymmetric grid, FP8 is
+E4M3), provided the pair is one vLLM has kernels for (:data:`DEPLOYABLE`, :func:`activation_scheme`): ``W8A8``
+(INT8 × INT8, the only quantized scheme vLLM's CPU build runs), ``FP8_DYNAMIC``, ``W4AFP8`` (ZeroQuant-FP's
+INT4 × FP8) and ``W4A8``. Other pairs (4/6-bit activations, FP4 weights, asymmetric weights) are refused with the
+nearest deployable scheme; every layer must then be exportable (a dense layer would not quantize its input).
+KV-cache quantization is refused: vLLM's FP8 KV cache uses static per-tensor scales, not bitsmith's per-token ones.
 
 Needs the optional dependency: ``pip install -e ".[export]"``.
 """
@@ -94,33 +101,65 @@ def _qparam_shape(spec: QuantSpec, scale: torch.Tensor) -> torch.Tensor:
     return scale.reshape(scale.shape[0], -1)
 
 
-def export_compressed_tensors(src: str | Path, dest: str | Path, overwrite: bool = False,
-                              strict: bool = False) -> Path:
-    """Write the bitsmith ``--pack`` folder ``src`` as a compressed-tensors checkpoint in ``dest``; layers it
-    cannot represent stay dense with a warning (``strict``: ValueError instead)."""
-    _require_library()
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, QuantizationStatus
-    from compressed_tensors.quantization.lifecycle.apply import apply_quantization_config
-    from safetensors.torch import load_file
+# Weight × activation schemes an engine runs (vLLM's compressed-tensors kernels), by bitsmith spec. Anything else
+# with quantized activations is refused (:func:`activation_scheme`) with the nearest of these named.
+DEPLOYABLE = (
+    "W8A8 (INT8 weights per channel, symmetric; dynamic per-token INT8 activations; vLLM on CPU and GPU)",
+    "FP8_DYNAMIC (FP8 E4M3 weights per channel or tensor; dynamic per-token FP8 activations; vLLM on GPU)",
+    "W4AFP8 (INT4 weights, symmetric, groups of 128; dynamic per-token FP8 activations; vLLM on Hopper GPUs)",
+    "W4A8 (INT4 weights, symmetric, groups of 128 or per channel; dynamic per-token INT8 activations)",
+)
 
-    from ..models import load_model
-    from .hf import atomic_folder, check_output_dir, read_report
-    from .packed import PACKED_NAME, build_packed_linear, read_packed_config
 
-    dest = check_output_dir(dest, overwrite)
-    body = read_packed_config(src)
-    recipe = (read_report(src) or {}).get("recipe", {})
-    for key, what in (("act", "activation"), ("kv", "KV-cache")):
-        if recipe.get(key):
-            raise ValueError(f"{src} quantizes {what}s too; the compressed-tensors export is weight-only, "
-                             "re-quantize without --abits/--aformat/--kvbits to export it")
-    layers = body["layers"]
-    if not layers:
-        raise ValueError(f"{src} has no quantized layers; quantize weights (--wbits < 16) before exporting")
+def activation_scheme(weight: QuantSpec, act: QuantSpec) -> str:
+    """The compressed-tensors preset name that ``weight`` × per-token ``act`` is (``W8A8``, ``FP8_DYNAMIC``,
+    ``W4AFP8``, ``W4A8``); a one-line ValueError naming the nearest deployable scheme otherwise."""
+    wf, af, wg = weight.format, act.format, weight.granularity
+    int8_act = isinstance(af, IntFormat) and af.bits == 8
+    fp8_act = af == E4M3
+    if not (int8_act or fp8_act):
+        raise ValueError(f"activations in {af.name} have no engine kernel (vLLM runs 8-bit activations only: INT8 "
+                         "or FP8 E4M3 per token); nearest deployable: W8A8 (--wbits 8 --sym --abits 8) or "
+                         "FP8_DYNAMIC (--wformat fp8 --aformat fp8)")
+    sym_int = isinstance(wf, IntFormat) and wf.symmetric
+    if isinstance(wf, IntFormat) and not wf.symmetric:
+        raise ValueError(f"weight-activation kernels need symmetric weights, these are asymmetric {wf.name}; "
+                         "re-quantize with --sym")
+    if sym_int and wf.bits == 8 and int8_act and isinstance(wg, PerChannel):
+        return "W8A8"
+    if wf == E4M3 and fp8_act and isinstance(wg, (PerChannel, PerTensor)):
+        return "FP8_DYNAMIC"
+    if sym_int and wf.bits == 4 and fp8_act and isinstance(wg, PerGroup) and wg.group_size == 128:
+        return "W4AFP8"
+    if sym_int and wf.bits == 4 and int8_act and (isinstance(wg, PerChannel)
+                                                 or (isinstance(wg, PerGroup) and wg.group_size == 128)):
+        return "W4A8"
+    if isinstance(wf, FPFormat) and wf != E4M3:
+        hint = ("FP4/FP6 weights with bitsmith's scales have no compressed-tensors kernel (NVFP4 needs groups of "
+                "16 with FP8 scales, MXFP4 groups of 32 with power-of-two scales); nearest deployable: W4AFP8 "
+                "(--wbits 4 --sym --group-size 128 --aformat fp8)")
+    else:
+        hint = "nearest deployable: " + "; ".join(DEPLOYABLE)
+    raise ValueError(f"weights {wf.name} ({wg.kind}) × activations {af.name} is not a scheme an engine runs; {hint}")
+
+
+def input_activation_args(act: QuantSpec):
+    """``QuantizationArgs`` of bitsmith's dynamic per-token activation quantization (INT8, asymmetric as bitsmith
+    computes it, or FP8 E4M3)."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationStrategy, QuantizationType
+
+    fmt = act.format
+    kind = QuantizationType.FLOAT if isinstance(fmt, FPFormat) else QuantizationType.INT
+    symmetric = isinstance(fmt, FPFormat) or bool(fmt.symmetric)
+    return QuantizationArgs(num_bits=8, type=kind, symmetric=symmetric, strategy=QuantizationStrategy.TOKEN,
+                            dynamic=True)
+
+
+def _plan(source, strict: bool):
+    """Spec groups ``{repr: (spec, names)}`` of the exportable layers and ``{name: reason}`` of the dense ones."""
     groups: dict[str, tuple[QuantSpec, list[str]]] = {}
     dense: dict[str, str] = {}
-    for name, entry in layers.items():
+    for name, entry in source.layers.items():
         spec = spec_from_dict(entry["spec"])
         try:
             check_exportable(name, spec, int(entry["shape"][1]), bool(entry.get("lorc")))
@@ -131,34 +170,63 @@ def export_compressed_tensors(src: str | Path, dest: str | Path, overwrite: bool
             continue
         groups.setdefault(repr(entry["spec"]), (spec, []))[1].append(name)
     if not groups:
-        raise ValueError(f"no layer of {src} can be stored by compressed-tensors ({next(iter(dense.values()))})")
+        raise ValueError(f"no layer of {source.folder} can be stored by compressed-tensors "
+                         f"({next(iter(dense.values()))})")
     if dense:
         log.warning("compressed-tensors export: %d of %d quantized layers left dense (exact dequantized weights; "
-                    "--strict to refuse instead): %s; layers: %s", len(dense), len(layers),
+                    "--strict to refuse instead): %s; layers: %s", len(dense), len(source.layers),
                     next(iter(dense.values())), ", ".join(dense))
+    return groups, dense
 
+
+def _act_spec(src, recipe: dict) -> QuantSpec | None:
+    """The recipe's activation spec after checking it is deployable (KV-cache quantization is refused)."""
+    if recipe.get("kv"):
+        raise ValueError(f"{src} quantizes the KV cache with bitsmith's dynamic per-token scales; vLLM's quantized "
+                         "KV cache uses static per-tensor scales, which this export cannot derive: re-quantize "
+                         "without --kvbits/--kvformat and serve with vLLM's --kv-cache-dtype fp8")
+    if not recipe.get("act"):
+        return None
+    act = spec_from_dict(recipe["act"])
+    if recipe.get("weight") is None:
+        raise ValueError(f"{src} quantizes activations but not weights; no engine runs that, quantize weights too")
+    activation_scheme(spec_from_dict(recipe["weight"]), act)
+    return act
+
+
+def export_compressed_tensors(src: str | Path, dest: str | Path, overwrite: bool = False,
+                              strict: bool = False) -> Path:
+    """Write the bitsmith output folder ``src`` as a compressed-tensors checkpoint in ``dest``: weight-only
+    (``W{N}A16``) or, when ``src`` quantizes activations, one of the weight-activation schemes vLLM serves
+    (:data:`DEPLOYABLE`). Layers it cannot represent stay dense with a warning (``strict``: ValueError instead;
+    with quantized activations always an error, since a dense layer would not quantize its input)."""
+    _require_library()
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, QuantizationStatus
+    from compressed_tensors.quantization.lifecycle.apply import apply_quantization_config
+
+    from ..models import load_model
+    from .hf import atomic_folder, check_output_dir
+    from .source import open_source, require_output
+
+    dest = check_output_dir(dest, overwrite)
+    _act_spec(src, require_output(src).get("recipe", {}))  # refusals before the model is loaded
     model, tokenizer = load_model(src)
-    tensors = load_file(str(Path(src) / PACKED_NAME))
-    schemes = {f"group_{i}": QuantizationScheme(targets=names, weights=quantization_args(spec))
+    source = open_source(src, model)
+    act = _act_spec(src, source.recipe)
+    if not source.layers:
+        raise ValueError(f"{src} has no quantized layers; quantize weights (--wbits < 16) before exporting")
+    groups, dense = _plan(source, strict or act is not None)
+    inputs = None if act is None else input_activation_args(act)
+    schemes = {f"group_{i}": QuantizationScheme(targets=names, weights=quantization_args(spec),
+                                                input_activations=inputs, format=_format(spec, act))
                for i, (spec, names) in enumerate(groups.values())}
     qconfig = QuantizationConfig(config_groups=schemes, quantization_status=QuantizationStatus.FROZEN)
     apply_quantization_config(model, qconfig, show_progress=False)
     with torch.no_grad():
-        for name, entry in layers.items():
-            if name in dense:
-                continue
-            lin = model.get_submodule(name)
-            packed = build_packed_linear(name, entry, tensors, None)
-            qt = packed.unpack()
-            lin.weight.copy_(qt.dequantize(lin.weight.dtype))  # the exact on-grid weight
-            lin.weight_scale.data = _qparam_shape(qt.spec, qt.scale).to(lin.weight.dtype).clone()
-            zp = getattr(lin, "weight_zero_point", None)
-            if zp is not None:
-                if qt.zero is not None:
-                    z = _qparam_shape(qt.spec, qt.zero) - 2 ** (qt.spec.format.bits - 1)  # unsigned → signed grid
-                else:
-                    z = torch.zeros_like(lin.weight_scale)
-                lin.weight_zero_point.data = z.to(zp.dtype)
+        for name in source.layers:
+            if name not in dense:
+                _fill_qparams(model.get_submodule(name), source.quantized(name))
     compressor = ModelCompressor.from_pretrained_model(model)
     compressor.compress_model(model)
     with atomic_folder(dest) as tmp:
@@ -166,9 +234,31 @@ def export_compressed_tensors(src: str | Path, dest: str | Path, overwrite: bool
         compressor.update_config(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-    log.info("wrote compressed-tensors checkpoint (%s) to %s", qconfig.format, dest)
+    log.info("wrote compressed-tensors checkpoint (%s%s) to %s", qconfig.format,
+             "" if act is None else f", {activation_scheme(spec_from_dict(source.recipe['weight']), act)}", dest)
     return dest
 
+
+def _format(weight: QuantSpec, act: QuantSpec | None) -> str | None:
+    """The compression format when the library's inference would pick the wrong one: vLLM's W4A8 kernels (INT8
+    or FP8 activations) read 4-bit weights packed (``weight_packed``), not one code per int8."""
+    fmt = weight.format
+    if act is not None and isinstance(fmt, IntFormat) and fmt.bits < 8:
+        return "pack-quantized"
+    return None
+
+
+def _fill_qparams(lin, qt) -> None:
+    """The exact on-grid weight, scale and (signed-grid) zero point of one linear."""
+    lin.weight.copy_(qt.dequantize(lin.weight.dtype))
+    lin.weight_scale.data = _qparam_shape(qt.spec, qt.scale).to(lin.weight.dtype).clone()
+    zp = getattr(lin, "weight_zero_point", None)
+    if zp is not None:
+        if qt.zero is not None:
+            z = _qparam_shape(qt.spec, qt.zero) - 2 ** (qt.spec.format.bits - 1)  # unsigned → signed grid
+        else:
+            z = torch.zeros_like(lin.weight_scale)
+        lin.weight_zero_point.data = z.to(zp.dtype)
 
 
 def _checkpoint_state(model) -> dict[str, torch.Tensor]:

@@ -1,7 +1,7 @@
 """GGUF export (the llama.cpp file format) for LLaMA-family models, through the ``gguf`` package.
 
-``bitsmith export OUT --format gguf --output MODEL.gguf`` reads a bitsmith output folder made with ``--pack`` (the
-frozen codes, scales and zero points in ``quantized.safetensors`` are the source of truth) and writes one ``.gguf``
+``bitsmith export OUT --format gguf --output MODEL.gguf`` reads a bitsmith output folder (its packed codes, or codes
+recovered from its on-grid weights: :mod:`bitsmith.export.source`) and writes one ``.gguf``
 file that llama.cpp loads (``llama-cli -m MODEL.gguf``, ``llama-perplexity``, llama-cpp-python).
 
 **Block types.** GGUF's legacy block types hold 32 consecutive weights of a row with one fp16 scale ``d`` (and, for
@@ -37,8 +37,8 @@ groups that do not fill whole 32-weight blocks (e.g. ``--group-size 16``/``48``)
 multiple of 32 (the 172-wide ``down_proj`` of the fixtures). Such layers are **stored dense** (F32/F16/BF16, the
 dtype of the bitsmith folder, i.e. its exact dequantized weight) with one warning naming them, so the file computes
 the same function, only less compressed; ``strict=True`` (``--strict``) refuses them instead, before anything is
-written. Activation / KV-cache quantization always raises (llama.cpp would not re-apply it), as does a folder
-without a packed checkpoint, a non-LLaMA architecture, RoPE scaling other than none/linear, or a folder in which no
+written. Activation / KV-cache quantization always raises (llama.cpp would not re-apply it), as does a non-LLaMA
+architecture, RoPE scaling other than none/linear, or a folder in which no
 layer can be stored quantized.
 
 **Layout.** Tensor names and metadata keys are llama.cpp's (``llama`` architecture, names through ``gguf``'s own
@@ -402,27 +402,26 @@ def _dense_array(t: torch.Tensor):
 
 
 def export_gguf(src: str | Path, dest: str | Path, overwrite: bool = False, strict: bool = False) -> Path:
-    """Write the bitsmith ``--pack`` folder ``src`` (a LLaMA-family model) as the llama.cpp file ``dest`` (``.gguf``);
+    """Write the bitsmith output folder ``src`` (a LLaMA-family model) as the llama.cpp file ``dest`` (``.gguf``);
     layers without a GGUF block type are stored dense with a warning (``strict``: ValueError instead)."""
     _require_library()
     import gguf
-    from safetensors.torch import load_file
 
     from ..models import geometry, get_architecture, load_model
-    from .hf import read_report
-    from .packed import PACKED_NAME, build_packed_linear, read_packed_config
+    from .source import open_source, require_output
 
     src, dest = Path(src), check_output_file(dest, overwrite)
-    body = read_packed_config(src)
-    recipe = (read_report(src) or {}).get("recipe", {})
-    for key, what in (("act", "activation"), ("kv", "KV-cache")):
-        if recipe.get(key):
-            raise ValueError(f"{src} quantizes {what}s too; the GGUF export is weight-only (llama.cpp would not "
-                             "re-apply it), re-quantize without --abits/--aformat/--kvbits to export it")
-    if not body["layers"]:
-        raise ValueError(f"{src} has no quantized layers; quantize weights (--wbits < 16) before exporting")
+    require_output(src)
     config = _read_config(src)
     model, _ = load_model(src, dtype=config.get("dtype") or config.get("torch_dtype") or "float32")
+    source = open_source(src, model)
+    for key, what in (("act", "activation"), ("kv", "KV-cache")):
+        if source.recipe.get(key):
+            raise ValueError(f"{src} quantizes {what}s too; the GGUF export is weight-only (llama.cpp would not "
+                             "re-apply it), re-quantize without --abits/--aformat/--kvbits to export it")
+    body = {"layers": source.layers}
+    if not body["layers"]:
+        raise ValueError(f"{src} has no quantized layers; quantize weights (--wbits < 16) before exporting")
     _check_rope(src, model.config)
     qtypes, dense = _plan_layers(src, body["layers"], strict)
     if dense:
@@ -438,8 +437,6 @@ def export_gguf(src: str | Path, dest: str | Path, overwrite: bool = False, stri
     heads = {f"{arch.layers}.{i}.{arch.q_to_k[0]}": geom.heads for i in range(n_layers)}
     heads.update({f"{arch.layers}.{i}.{arch.q_to_k[1]}": geom.kv_heads for i in range(n_layers)})
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    tensors = load_file(str(src / PACKED_NAME))
-
     writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     _add_hparams(writer, model.config, geom, src.name)
     used: Counter = Counter()
@@ -453,7 +450,7 @@ def export_gguf(src: str | Path, dest: str | Path, overwrite: bool = False, stri
                              f"{ARCHITECTURE} checkpoints")
         perm = rope_permutation(t.shape[0], heads[module]) if module in heads else None
         if kind == "weight" and module in qtypes:
-            qt = build_packed_linear(module, body["layers"][module], tensors, None).unpack()
+            qt = source.quantized(module)
             data, raw = encode_blocks(module, qt, qtypes[module]), qtypes[module]
             used[raw] += t.numel()
         else:

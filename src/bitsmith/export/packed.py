@@ -1,18 +1,23 @@
 """Packed checkpoint: the real low-bit storage of every quantized linear, beside the Hugging Face folder.
 
-``bitsmith quantize … --pack`` adds two files to the output folder:
+``bitsmith quantize`` (unless ``--no-pack``) adds two files to the output folder, in its ``packed/`` subfolder
+(:data:`PACKED_DIR`), where engines that read every ``*.safetensors`` file of a model folder (vLLM) or the
+``model*.safetensors`` files (transformers) do not take them for model weights:
 
-* ``quantized.safetensors``: for each quantized linear ``<name>`` (qualified module name) the buffers of its
+* ``packed/quantized.safetensors``: for each quantized linear ``<name>`` (qualified module name) the buffers of its
   :class:`~bitsmith.nn.PackedLinear` (the one packing code path): ``<name>.qweight`` (packed codes),
   ``<name>.scale``, ``<name>.zero`` (asymmetric integer formats only) and, with LoRC, ``<name>.lorc_a`` /
   ``<name>.lorc_b`` (fp16 factors) or ``<name>.lorc_a_packed`` / ``<name>.lorc_a_scale`` (… ``_b_…``; INT8
   factors). Biases stay in the Hugging Face weights.
-* ``quantization.json`` (``version`` 1): per layer its spec (``QuantSpec.to_dict()``), shape ``[out, in]``,
+* ``packed/quantization.json`` (``version`` 1): per layer its spec (``QuantSpec.to_dict()``), shape ``[out, in]``,
   logical ``storage_bits`` and ``bits_per_weight`` (scales counted at 16 bits), and the LoRC rank / factor specs.
 
 :func:`load` builds the model from the folder (its dequantized weights), replaces the listed linears by
 ``PackedLinear`` modules holding the stored buffers, and re-applies activation and KV-cache quantization recorded
-in ``bitsmith.json`` (as ``bitsmith eval`` does).
+in ``bitsmith.json`` (as ``bitsmith eval`` does). Folders written before the ``packed/`` subfolder existed keep both
+files at the top level; they are still read (:func:`packed_files`), with a warning that vLLM refuses such a folder.
+A folder written with ``--no-pack`` has no packed files: :mod:`bitsmith.export.source` recovers the codes from its
+on-grid weights instead.
 """
 
 from __future__ import annotations
@@ -31,9 +36,26 @@ from ..nn.packed import PackedLinear, unpack_codes
 
 log = logging.getLogger(__name__)
 
+PACKED_DIR = "packed"
 PACKED_NAME = "quantized.safetensors"
 PACKED_CONFIG = "quantization.json"
 PACKED_VERSION = 1
+
+
+def packed_files(folder: str | Path) -> tuple[Path, Path] | None:
+    """``(weights, config)`` paths of the packed checkpoint in ``folder``: ``packed/`` first, else the top-level
+    files of older folders (logged: vLLM reads every top-level ``*.safetensors`` and refuses them); None when
+    the folder has none."""
+    folder = Path(folder)
+    for where in (folder / PACKED_DIR, folder):
+        weights, config = where / PACKED_NAME, where / PACKED_CONFIG
+        if weights.is_file() and config.is_file():
+            if where == folder:
+                log.warning("%s keeps its packed codes at the top level (an older bitsmith layout), which vLLM "
+                            "reads as model weights and refuses; move %s and %s into %s/", folder, PACKED_NAME,
+                            PACKED_CONFIG, PACKED_DIR)
+            return weights, config
+    return None
 
 
 def packed_layers(model: nn.Module, frozen: dict[str, QuantizedTensor],
@@ -68,11 +90,13 @@ def _layer_entry(p: PackedLinear) -> dict[str, Any]:
 
 def save_packed(model: nn.Module, frozen: dict[str, QuantizedTensor], lorc: dict[str, Any] | None,
                 folder: str | Path) -> Path:
-    """Write ``quantized.safetensors`` and ``quantization.json`` into the existing ``folder`` (each written to a
-    temporary name and renamed, ``quantization.json`` last, so its presence means the packed files are complete)."""
+    """Write ``packed/quantized.safetensors`` and ``packed/quantization.json`` into the existing ``folder`` (each
+    written to a temporary name and renamed, ``quantization.json`` last, so its presence means the packed files are
+    complete)."""
     from safetensors.torch import save_file
 
-    folder = Path(folder)
+    folder = Path(folder) / PACKED_DIR
+    folder.mkdir(exist_ok=True)
     layers = packed_layers(model, frozen, lorc)
     tensors: dict[str, torch.Tensor] = {}
     for name, p in layers.items():
@@ -97,17 +121,18 @@ def save_packed(model: nn.Module, frozen: dict[str, QuantizedTensor], lorc: dict
 
 def read_packed_config(folder: str | Path) -> dict[str, Any]:
     """The ``quantization.json`` of a packed folder (ValueError naming the fix when absent or unreadable)."""
-    p = Path(folder) / PACKED_CONFIG
-    if not p.is_file() or not (Path(folder) / PACKED_NAME).is_file():
-        raise ValueError(f"{folder} has no packed checkpoint ({PACKED_CONFIG} + {PACKED_NAME}); "
-                         "re-run bitsmith quantize with --pack")
+    files = packed_files(folder)
+    if files is None:
+        raise ValueError(f"{folder} has no packed checkpoint ({PACKED_DIR}/{PACKED_CONFIG} + {PACKED_NAME}); "
+                         "re-run bitsmith quantize without --no-pack")
+    p = files[1]
     try:
         body = json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{p} is corrupt ({e}); re-run bitsmith quantize with --pack") from None
+        raise ValueError(f"{p} is corrupt ({e}); re-run bitsmith quantize") from None
     if body.get("version") != PACKED_VERSION:
         raise ValueError(f"{p} has version {body.get('version')!r}, this bitsmith reads version {PACKED_VERSION}; "
-                         "re-run bitsmith quantize with --pack")
+                         "re-run bitsmith quantize")
     return body
 
 
@@ -130,7 +155,7 @@ def build_packed_linear(name: str, entry: dict[str, Any], tensors: dict[str, tor
     codes = unpack_codes(qweight, spec, in_f)
     if tuple(codes.shape) != (out_f, in_f):
         raise ValueError(f"packed layer {name} has codes of shape {tuple(codes.shape)}, expected {(out_f, in_f)}; "
-                         "the packed checkpoint is corrupt, re-run bitsmith quantize with --pack")
+                         "the packed checkpoint is corrupt, re-run bitsmith quantize")
     qt = QuantizedTensor(codes, scale, None if zero is None else zero.to(scale.dtype), spec)
     p = PackedLinear(qt, bias, scale.dtype)
     if not torch.equal(p.qweight, qweight):
@@ -145,33 +170,32 @@ def build_packed_linear(name: str, entry: dict[str, Any], tensors: dict[str, tor
 
 
 def load(path: str | Path, device: str | torch.device | None = None) -> nn.Module:
-    """A bitsmith output folder made with ``--pack`` as a model whose quantized linears are
-    :class:`PackedLinear` modules; activation and KV-cache quantization from ``bitsmith.json`` are re-applied."""
-    from safetensors.torch import load_file
-
+    """A bitsmith output folder as a model whose quantized linears are :class:`PackedLinear` modules (the stored
+    packed codes, or codes recovered from the on-grid weights of a ``--no-pack`` folder); activation and KV-cache
+    quantization from ``bitsmith.json`` are re-applied."""
     from ..models import get_architecture, load_model
     from ..models.kvcache import enable_kv_quant
     from ..nn.quantizer import ActQuantizer
-    from .hf import read_report
+    from .source import open_source, require_output
 
-    body = read_packed_config(path)
+    require_output(path)
     model, _ = load_model(path)
     model.eval()
-    tensors = load_file(str(Path(path) / PACKED_NAME))
-    for name, entry in body["layers"].items():
+    source = open_source(path, model)
+    for name in source.layers:
         try:
             lin = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"packed layer {name} is not a module of the model in {path}; "
                              "the folder and its packed checkpoint do not belong together") from None
         bias = None if getattr(lin, "bias", None) is None else lin.bias.detach()
-        packed = build_packed_linear(name, entry, tensors, bias)
+        packed = source.packed(name, bias)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, packed)
-    recipe = (read_report(path) or {}).get("recipe", {})
+    recipe = source.recipe
     if recipe.get("act"):
         spec = spec_from_dict(recipe["act"])
-        for name in body["layers"]:
+        for name in source.layers:
             m = model.get_submodule(name)
             m.act_quantizer = ActQuantizer(spec)
             m.register_forward_pre_hook(lambda mod, args: (mod.act_quantizer(args[0]), *args[1:]))

@@ -223,7 +223,7 @@ class StreamedRun:
 
     :meth:`load` (block ``i``): the embeddings are released once capture is done (before block 0), then block
     ``i`` is read from the safetensors files. :meth:`done`: the finished block's tensors go to ``writer`` (and,
-    with ``pack``, its packed codes to ``quantized.safetensors``), its frozen codes leave ``result`` (they are not
+    with ``pack``, its packed codes to ``packed/quantized.safetensors``), its frozen codes leave ``result`` (they are not
     kept in memory), and the block goes back to the meta device. :meth:`finish_into` writes the tensors outside
     the blocks (embeddings, final norm, head; copied from the source) and moves every file into the output folder.
     """
@@ -272,14 +272,15 @@ class StreamedRun:
         """Write the non-block tensors, then move the shards (and the packed checkpoint) into ``dest``."""
         dest = Path(dest)
         if self._packed is not None:  # first: the writer removes its staging folder when it finishes
-            from .packed import PACKED_CONFIG, PACKED_NAME, PACKED_VERSION
+            from .packed import PACKED_CONFIG, PACKED_DIR, PACKED_NAME, PACKED_VERSION
 
-            os.replace(self._packed.close(), dest / PACKED_NAME)
+            (dest / PACKED_DIR).mkdir(exist_ok=True)
+            os.replace(self._packed.close(), dest / PACKED_DIR / PACKED_NAME)
             self._packed = None
             n = self._packed_weights
             body = {"version": PACKED_VERSION, "weights": PACKED_NAME, "layers": self._packed_layers,
                     "bits_per_weight": self._packed_bits / n if n else None}
-            (dest / PACKED_CONFIG).write_text(json.dumps(body, indent=2) + "\n")
+            (dest / PACKED_DIR / PACKED_CONFIG).write_text(json.dumps(body, indent=2) + "\n")
         for name, tensor in self.source.iter_outside_blocks():
             self.writer.add({name: tensor})
         self.writer.finish_into(dest)
