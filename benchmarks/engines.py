@@ -6,7 +6,7 @@ Engines run in their own venvs through the test clients (``tests/clients/``): vL
 test samples (vLLM) and 20 × 128 of the aidreams260K test samples (llama.cpp). RTN, calibrated on the valid samples.
 Usage (2 threads; each vLLM row starts an engine, about 2 minutes)::
 
-    OMP_NUM_THREADS=2 python benchmarks/engines.py [--only vllm|llamacpp]
+    OMP_NUM_THREADS=2 python benchmarks/engines.py [--only vllm|llamacpp|kquant]
 """
 
 from __future__ import annotations
@@ -105,13 +105,42 @@ def llamacpp_rows(tmp: Path) -> list[tuple[str, float, float]]:
     return rows
 
 
+def kquant_rows(tmp: Path) -> list[tuple[str, float]]:
+    """KL(F32 ‖ Q4_K file) per position, all measured by llama.cpp on the hidden-256 generated model (every row a
+    multiple of 256): bitsmith's RTN / GPTQ / default recipe on the q4_k grid against llama.cpp's own quantizer
+    (all tensors Q4_K, embeddings and head F32, no importance matrix) of the same F32 file."""
+    import numpy as np
+
+    windows = eval_windows(load_tokens(str(SHARED / "data/stories260K-samples/test.jsonl"), "test"), 128, 8)
+    (tmp / "kwindows.json").write_text(json.dumps(windows.tolist()))
+    fp = engine_model(tmp / "kfp", hidden=256, ffn=768)
+    python, client = str(ENGINES / "llamacpp/bin/python"), str(ROOT / "tests/clients/llamacpp_client.py")
+    assert cli(["export", str(fp), "--format", "gguf", "--output", str(tmp / "kfp.gguf"), "-q"]) == 0
+    _client([python, client, "quantize", str(tmp / "kfp.gguf"), "Q4_K_S", str(tmp / "llamacpp.gguf")])
+    files = {"llama.cpp's own quantizer (llama_model_quantize, pure Q4_K)": tmp / "llamacpp.gguf"}
+    calib = SHARED / "data/stories260K-samples/valid.jsonl"
+    for method in ("rtn", "gptq", "bitsmith"):
+        src = _quantize(fp, tmp / f"k{method}", calib, ("--method", method, "--wformat", "q4_k"))
+        assert cli(["export", str(src), "--format", "gguf", "--output", str(src) + ".gguf", "-q"]) == 0
+        files[f"bitsmith {method} on the q4_k grid"] = Path(str(src) + ".gguf")
+
+    def logprobs(path: Path) -> torch.Tensor:
+        _client([python, client, "logprobs", str(path), str(tmp / "kwindows.json"), str(path) + ".npy"])
+        return torch.from_numpy(np.load(str(path) + ".npy")).double()
+
+    ref = logprobs(tmp / "kfp.gguf")
+    return [(label, float((ref.exp() * (ref - logprobs(path))).sum(-1).mean())) for label, path in files.items()]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", choices=["vllm", "llamacpp"], default=None)
+    p.add_argument("--only", choices=["vllm", "llamacpp", "kquant"], default=None)
     args = p.parse_args()
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
-        rows = []
+        rows, krows = [], []
+        if args.only in (None, "kquant"):
+            krows = kquant_rows(Path(tmp))
         if args.only in (None, "llamacpp"):
             rows += llamacpp_rows(Path(tmp))
         if args.only in (None, "vllm"):
@@ -119,6 +148,10 @@ def main() -> None:
     print("| engine · output | bitsmith ppl | engine ppl | difference |\n|---|---|---|---|")
     for label, ours, theirs in rows:
         print(f"| {label} | {ours:.4f} | {theirs:.4f} | {100 * (theirs / ours - 1):+.3f} % |")
+    if krows:
+        print("\n| Q4_K file (hidden-256 generated model) | KL(F32 ‖ file) ×1e3, by llama.cpp |\n|---|---|")
+        for label, kl in krows:
+            print(f"| {label} | {1e3 * kl:.2f} |")
 
 
 if __name__ == "__main__":

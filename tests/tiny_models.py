@@ -118,13 +118,15 @@ def random_ids(n: int, t: int, seed: int = 1, vocab: int = VOCAB) -> torch.Tenso
     return torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(seed))
 
 
-def engine_model(folder, seed: int = 0):
+def engine_model(folder, seed: int = 0, hidden: int = 128, ffn: int = 384):
     """A Llama model shaped for real inference engines, saved to ``folder`` (fp32): head_dim 64 (vLLM's CPU
-    attention refuses 16), GQA 2:1, hidden 128, FFN 384 (a multiple of 128, so W4AFP8's groups of 128 fit),
-    vocab 512 (the stories260K samples' token ids). Weights N(0, 0.08), seeded. Returns the folder."""
+    attention refuses 16), GQA 2:1, hidden 128, FFN 384 (a multiple of 128, so W4AFP8's groups of 128 fit;
+    ``hidden=256, ffn=768``: every row a multiple of 256, for K-quants), vocab 512 (the stories260K samples' token
+    ids). Weights N(0, 0.08), seeded. Returns the folder."""
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=512,
+    config = LlamaConfig(vocab_size=512, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=2,
+                         num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 128), head_dim=64,
+                         max_position_embeddings=512,
                          tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():

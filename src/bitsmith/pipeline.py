@@ -22,7 +22,7 @@ from .algorithms.lorc import LoRCFactors, collect_factors, lorc_block
 from .algorithms.smoothquant import smoothquant_block
 from .checkpoint import Checkpoint
 from .config import QuantConfig
-from .formats import QuantizedTensor, QuantSpec
+from .formats import QuantizedTensor, QuantSpec, fallback_spec
 from .models import (Architecture, block_forward, capture_block_inputs, final_hidden, find_linears, get_blocks,
                      head_logits, norm_parameters, split_experts)
 from .models.kvcache import enable_kv_quant
@@ -54,7 +54,14 @@ class QuantResult:
 
 def _spec_fn(config: QuantConfig):
     def fn(name: str, lin: nn.Linear) -> tuple[QuantSpec | None, QuantSpec | None]:
-        return config.weight, config.act
+        if config.weight is None:
+            return None, config.act
+        spec = fallback_spec(config.weight, lin.in_features)
+        if spec is not config.weight:
+            log.warning("%s: %d weights per row is not a multiple of 256, so %s falls back to %s %s as llama.cpp's "
+                        "quantizer does", name, lin.in_features, config.weight.format.name, spec.format.name,
+                        spec.granularity.kind)
+        return spec, config.act
     return fn
 
 

@@ -8,6 +8,7 @@ quantization method vLLM chose. Only vLLM's public ``LLM`` API is used; the mode
 
 import argparse
 import json
+import os
 
 
 def main() -> None:
@@ -39,6 +40,12 @@ def score(model: str, windows: list, out: str, dtype: str) -> None:
     quant = getattr(llm.llm_engine.vllm_config.model_config, "quantization", None)
     with open(out, "w") as f:
         json.dump({"nll": nll, "tokens": count, "quantization": quant}, f)
+    # vLLM 0.32's CPU build sometimes aborts in its interpreter-exit teardown ("terminate called without an active
+    # exception") after all work is done: stop the engine explicitly, then leave without the atexit handlers
+    shutdown = getattr(getattr(llm.llm_engine, "engine_core", None), "shutdown", None)
+    if shutdown is not None:
+        shutdown()
+    os._exit(0)
 
 
 if __name__ == "__main__":

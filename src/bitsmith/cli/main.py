@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--wbits", type=int, default=None, help="weight bits (16 = leave weights; default 4)")
     q.add_argument("--abits", type=int, default=None, help="activation bits (default 16 = not quantized)")
     q.add_argument("--group-size", type=int, default=None, help="weight group size (default: per channel)")
-    q.add_argument("--wformat", default=None, help="int (default), fp4/e2m1, fp6/e3m2, e2m3, fp8/e4m3, e5m2")
+    q.add_argument("--wformat", default=None, help="int (default), fp4/e2m1, fp6/e3m2, e2m3, fp8/e4m3, e5m2, or llama.cpp's "
+                        "K-quant grids q4_k, q5_k, q6_k (for GGUF export)")
     q.add_argument("--aformat", default=None, help="activation format: int (default), fp8/e4m3, e5m2, …")
     q.add_argument("--kvbits", type=int, default=None, help="KV-cache bits, per token and head (default 16 = off)")
     q.add_argument("--kvformat", default=None, help="KV-cache format: int (default), fp8/e4m3, …")
@@ -151,7 +152,8 @@ def _spec_from_flags(bits: int | None, fmt_name: str, group: int | None, sym: bo
         return None
     fmt = make_format(fmt_name, bits=None if fmt_name != "int" and bits is None else bits,
                       symmetric=sym if not activation else False)
-    gran = PerToken() if activation else (PerGroup(group) if group else PerChannel())
+    sub = getattr(fmt, "sub_block", None)  # K-quants: the sub-block is the group
+    gran = PerToken() if activation else (PerGroup(group or sub) if group or sub else PerChannel())
     return QuantSpec(fmt, gran, "none" if activation else constraint)
 
 

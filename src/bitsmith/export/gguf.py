@@ -39,7 +39,13 @@ dtype of the bitsmith folder, i.e. its exact dequantized weight) with one warnin
 the same function, only less compressed; ``strict=True`` (``--strict``) refuses them instead, before anything is
 written. Activation / KV-cache quantization always raises (llama.cpp would not re-apply it), as does a non-LLaMA
 architecture, RoPE scaling other than none/linear, or a folder in which no
-layer can be stored quantized.
+layer can be stored quantized. An ordinary model folder (no ``bitsmith.json``) is written unquantized (F32/F16/BF16),
+e.g. as the input of llama.cpp's own quantizer.
+
+**K-quants.** Weights quantized with ``--wformat q4_k`` / ``q5_k`` / ``q6_k`` (:mod:`bitsmith.formats.kquant`: the
+algorithms optimise llama.cpp's own super-block grid) are written as ``Q4_K`` / ``Q5_K`` / ``Q6_K``, codes copied
+and the fp16 super-block scales and 6/8-bit sub-block scales recovered exactly (:mod:`.gguf_kquant`); rows not a
+multiple of 256 were quantized to llama.cpp's fallback types (Q5_0, Q5_1, Q8_0) and are written as those.
 
 **Layout.** Tensor names and metadata keys are llama.cpp's (``llama`` architecture, names through ``gguf``'s own
 tensor map). Hugging Face checkpoints order each q/k head's rows for rotate-half RoPE (dim ``i`` pairs with
@@ -74,7 +80,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..formats import FPFormat, IntFormat, PerChannel, PerGroup, PerTensor, QuantizedTensor, QuantSpec, spec_from_dict
+from ..formats import (FPFormat, IntFormat, KQuantFormat, PerChannel, PerGroup, PerTensor, QuantizedTensor, QuantSpec,
+                       spec_from_dict)
+from .gguf_kquant import encode_kquant
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +114,10 @@ def gguf_type_for(name: str, spec: QuantSpec, in_features: int, has_lorc: bool):
     if has_lorc:
         raise ValueError(f"layer {name} has LoRC factors, which no GGUF block type stores; "
                          "quantize without --lorc-rank to export it")
+    if isinstance(fmt, KQuantFormat):
+        if in_features % 256:  # the quantizer falls back for such rows, so a folder never holds this
+            raise ValueError(f"layer {name} has {in_features} input features, not a multiple of 256: no {fmt.kind}")
+        return getattr(T, fmt.kind.upper())
     if isinstance(fmt, FPFormat) or not isinstance(fmt, IntFormat):
         raise ValueError(f"layer {name} uses {fmt.name}, which has no GGUF block type (GGUF's Q-types are integer "
                          "grids); export INT2-8 weights, e.g. --wbits 4 --sym --group-size 32")
@@ -168,6 +180,8 @@ def encode_blocks(name: str, qt: QuantizedTensor, qtype) -> np.ndarray:
     ``fp16(s)`` and the ``_1`` types' offset ``fp16(−z·s)``."""
     from gguf import GGMLQuantizationType as T
 
+    if isinstance(qt.spec.format, KQuantFormat):
+        return encode_kquant(name, qt)
     out, n_in = qt.codes.shape
     codes = qt.codes.to(torch.int64)
     s = _per_block(qt, qt.scale.to(torch.float64))
@@ -390,6 +404,31 @@ def _plan_layers(src: Path, layers: dict[str, Any], strict: bool) -> tuple[dict[
     return qtypes, dense
 
 
+def _plan(src: Path, model, strict: bool):
+    """``(source, block type per layer, reason per dense layer)``. An ordinary model folder (no ``bitsmith.json``)
+    is written unquantized (every tensor F32/F16/BF16: the input of llama.cpp's own quantizer)."""
+    from .hf import read_report
+    from .source import open_source
+
+    if read_report(src) is None:
+        log.warning("%s is not a bitsmith output folder: writing every tensor unquantized", src)
+        return None, {}, {}
+    source = open_source(src, model)
+    for key, what in (("act", "activation"), ("kv", "KV-cache")):
+        if source.recipe.get(key):
+            raise ValueError(f"{src} quantizes {what}s too; the GGUF export is weight-only (llama.cpp would not "
+                             "re-apply it), re-quantize without --abits/--aformat/--kvbits to export it")
+    if not source.layers:
+        raise ValueError(f"{src} has no quantized layers; quantize weights (--wbits < 16) before exporting")
+    qtypes, dense = _plan_layers(src, source.layers, strict)
+    if dense:
+        log.warning("GGUF export: %d of %d quantized layers stored dense (%s, their exact dequantized weights; "
+                    "--strict to refuse instead): %s; layers: %s", len(dense), len(source.layers),
+                    str(next(iter(model.parameters())).dtype).removeprefix("torch."),
+                    next(iter(dense.values())), ", ".join(dense))
+    return source, qtypes, dense
+
+
 def _dense_array(t: torch.Tensor):
     """An unquantized tensor as written: 1-D → F32, else the folder's dtype (F32, F16 or BF16)."""
     import gguf
@@ -408,27 +447,12 @@ def export_gguf(src: str | Path, dest: str | Path, overwrite: bool = False, stri
     import gguf
 
     from ..models import geometry, get_architecture, load_model
-    from .source import open_source, require_output
 
     src, dest = Path(src), check_output_file(dest, overwrite)
-    require_output(src)
     config = _read_config(src)
     model, _ = load_model(src, dtype=config.get("dtype") or config.get("torch_dtype") or "float32")
-    source = open_source(src, model)
-    for key, what in (("act", "activation"), ("kv", "KV-cache")):
-        if source.recipe.get(key):
-            raise ValueError(f"{src} quantizes {what}s too; the GGUF export is weight-only (llama.cpp would not "
-                             "re-apply it), re-quantize without --abits/--aformat/--kvbits to export it")
-    body = {"layers": source.layers}
-    if not body["layers"]:
-        raise ValueError(f"{src} has no quantized layers; quantize weights (--wbits < 16) before exporting")
     _check_rope(src, model.config)
-    qtypes, dense = _plan_layers(src, body["layers"], strict)
-    if dense:
-        log.warning("GGUF export: %d of %d quantized layers stored dense (%s, their exact dequantized weights; "
-                    "--strict to refuse instead): %s; layers: %s", len(dense), len(body["layers"]),
-                    str(next(iter(model.parameters())).dtype).removeprefix("torch."),
-                    next(iter(dense.values())), ", ".join(dense))
+    source, qtypes, dense = _plan(src, model, strict)
 
     arch = get_architecture(model)
     geom = geometry(model.config, arch)
@@ -458,7 +482,12 @@ def export_gguf(src: str | Path, dest: str | Path, overwrite: bool = False, stri
         if perm is not None:
             data = np.ascontiguousarray(data[perm.numpy()])
         writer.add_tensor(gname, data, raw_dtype=raw)
-    writer.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{used.most_common(1)[0][0].name}"))
+    if used:
+        main = used.most_common(1)[0][0].name
+        writer.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{main}", None)
+                             or getattr(gguf.LlamaFileType, f"MOSTLY_{main}_M"))  # Q4_K/Q5_K: llama.cpp's _M names
+    else:
+        writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     tokenizer = _add_vocab(writer, src, int(model.config.vocab_size))
     _write_atomic(writer, dest)
     log.info("wrote GGUF file %s (%s; tokenizer %s; %d layers dense)", dest,

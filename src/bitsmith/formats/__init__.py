@@ -11,6 +11,7 @@ from .base import NumberFormat
 from .floating import E2M1, E2M3, E3M2, E4M3, E5M2, FPFormat
 from .granularity import Granularity, PerChannel, PerGroup, PerTensor, PerToken, granularity_from_dict
 from .integer import IntFormat
+from .kquant import K_FORMATS, KQuantFormat, fallback_spec
 from .spec import MAX_POW2_SHIFT, SCALE_CONSTRAINTS, QuantizedTensor, QuantSpec, activation_spec, constrain_scale
 from .ste import round_ste
 
@@ -21,7 +22,7 @@ FP_PRESETS: dict[str, FPFormat] = {
     "e2m3": E2M3, "fp6_e2m3": E2M3,
     "e2m1": E2M1, "fp4": E2M1, "fp4_e2m1": E2M1,
 }
-FORMAT_NAMES = ("int", *FP_PRESETS)
+FORMAT_NAMES = ("int", *FP_PRESETS, *K_FORMATS)
 
 
 def make_format(name: str, bits: int | None = None, symmetric: bool = False) -> NumberFormat:
@@ -32,6 +33,11 @@ def make_format(name: str, bits: int | None = None, symmetric: bool = False) -> 
         if bits is None:
             raise ValueError("the int format needs a bit width (2–8); pass e.g. --wbits 4")
         return IntFormat(bits, symmetric)
+    if key in K_FORMATS:
+        fmt = KQuantFormat(key)
+        if bits is not None and bits != fmt.bits:
+            raise ValueError(f"format {name} has {fmt.bits}-bit codes, not {bits}; drop the bit width")
+        return fmt
     if key not in FP_PRESETS:
         raise ValueError(f"unknown number format {name!r}; use one of: {', '.join(FORMAT_NAMES)}")
     fmt = FP_PRESETS[key]
@@ -44,6 +50,8 @@ def format_from_dict(d: dict) -> NumberFormat:
     """Inverse of ``NumberFormat.to_dict``."""
     if d.get("type") == "int":
         return IntFormat(int(d["bits"]), bool(d.get("symmetric", False)))
+    if d.get("type") == "kquant":
+        return KQuantFormat(str(d["kind"]))
     if d.get("type") == "fp":
         return FPFormat(int(d["ebits"]), int(d["mbits"]), str(d.get("convention", "none")))
     raise ValueError(f"unknown format description {d!r}; expected type 'int' or 'fp'")
@@ -59,5 +67,5 @@ __all__ = [
     "NumberFormat", "IntFormat", "FPFormat", "E4M3", "E5M2", "E3M2", "E2M3", "E2M1", "FP_PRESETS", "FORMAT_NAMES",
     "Granularity", "PerTensor", "PerChannel", "PerGroup", "PerToken", "granularity_from_dict",
     "QuantSpec", "QuantizedTensor", "activation_spec", "constrain_scale", "SCALE_CONSTRAINTS", "MAX_POW2_SHIFT",
-    "make_format", "format_from_dict", "spec_from_dict", "round_ste",
+    "make_format", "format_from_dict", "spec_from_dict", "round_ste", "KQuantFormat", "K_FORMATS", "fallback_spec",
 ]
