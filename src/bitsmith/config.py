@@ -63,6 +63,7 @@ class QuantConfig:
     lorc_rank: int = 0
     lorc_bits: int | None = None
     min_expert_tokens: int = 16
+    gguf_mix: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -81,6 +82,7 @@ class QuantConfig:
         if self.calib_order not in CALIB_ORDERS:
             raise ValueError(f"unknown calib_order {self.calib_order!r}; use one of: {', '.join(CALIB_ORDERS)}")
         _check_lorc(self)
+        _check_mix(self)
         if self.method in LEARNED and self.reconstruct is None:
             object.__setattr__(self, "reconstruct", LEARNED[self.method])
         if self.method not in LEARNED and self.reconstruct is not None:
@@ -127,6 +129,7 @@ class QuantConfig:
             "lorc_rank": self.lorc_rank,
             "lorc_bits": self.lorc_bits,
             "min_expert_tokens": self.min_expert_tokens,
+            "gguf_mix": self.gguf_mix,
         }
 
     @classmethod
@@ -192,12 +195,28 @@ def _check_types(d: dict[str, Any]) -> None:
              "calib_order": str}
     types["lorc_rank"] = int
     types["min_expert_tokens"] = int
+    if d.get("gguf_mix") is not None:
+        types["gguf_mix"] = str
     for key, typ in types.items():
         if key in d and (not isinstance(d[key], typ) or isinstance(d[key], bool)):
             raise ValueError(f"recipe key {key!r} must be {typ.__name__}, got {type(d[key]).__name__}")
     bits = d.get("lorc_bits")
     if bits is not None and (not isinstance(bits, int) or isinstance(bits, bool)):
         raise ValueError(f"recipe key 'lorc_bits' must be int or null, got {type(bits).__name__}")
+
+
+def _check_mix(c: QuantConfig) -> None:
+    """A GGUF K-quant mix needs the K-quant weight format it is built on (``q4_k_m`` → ``q4_k``)."""
+    from .formats import GGUF_MIXES
+
+    if c.gguf_mix is None:
+        return
+    if c.gguf_mix not in GGUF_MIXES:
+        raise ValueError(f"unknown gguf_mix {c.gguf_mix!r}; use one of {', '.join(GGUF_MIXES)}")
+    base = c.gguf_mix[:4]
+    if c.weight is None or c.weight.format.name != base:
+        raise ValueError(f"gguf_mix {c.gguf_mix} mixes {base} weights with more bits in some layers; quantize with "
+                         f"--wformat {base}")
 
 
 def _check_lorc(c: QuantConfig) -> None:

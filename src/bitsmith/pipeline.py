@@ -22,7 +22,7 @@ from .algorithms.lorc import LoRCFactors, collect_factors, lorc_block
 from .algorithms.smoothquant import smoothquant_block
 from .checkpoint import Checkpoint
 from .config import QuantConfig
-from .formats import QuantizedTensor, QuantSpec, fallback_spec
+from .formats import QuantizedTensor, QuantSpec, fallback_spec, mix_spec
 from .models import (Architecture, block_forward, capture_block_inputs, final_hidden, find_linears, get_blocks,
                      head_logits, norm_parameters, split_experts)
 from .models.kvcache import enable_kv_quant
@@ -52,14 +52,24 @@ class QuantResult:
     end_to_end: dict = field(default_factory=dict)
 
 
-def _spec_fn(config: QuantConfig):
+def _spec_fn(config: QuantConfig, arch: Architecture | None = None, index: int | None = None,
+             n_layers: int | None = None):
+    """Per-linear ``(weight, act)`` specs: the recipe's, with llama.cpp's K-quant mix (``gguf_mix``, by the
+    linear's role in the row and the block index) and its fallback for rows not a multiple of 256."""
+    roles = {}
+    if config.gguf_mix and arch is not None:
+        roles = {arch.v_to_o[0]: "attn_v", arch.up_to_down[1]: "ffn_down"} if arch.v_to_o and arch.up_to_down else {}
+
     def fn(name: str, lin: nn.Linear) -> tuple[QuantSpec | None, QuantSpec | None]:
         if config.weight is None:
             return None, config.act
-        spec = fallback_spec(config.weight, lin.in_features)
-        if spec is not config.weight:
+        mixed = config.weight
+        if config.gguf_mix and index is not None:
+            mixed = mix_spec(config.gguf_mix, mixed, roles.get(name), index, n_layers)
+        spec = fallback_spec(mixed, lin.in_features)
+        if spec is not mixed:
             log.warning("%s: %d weights per row is not a multiple of 256, so %s falls back to %s %s as llama.cpp's "
-                        "quantizer does", name, lin.in_features, config.weight.format.name, spec.format.name,
+                        "quantizer does", name, lin.in_features, mixed.format.name, spec.format.name,
                         spec.granularity.kind)
         return spec, config.act
     return fn
@@ -82,7 +92,8 @@ def _outputs(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) -
 
 def quantize_block(block: nn.Module, config: QuantConfig, hidden: list[torch.Tensor], kwargs: list[dict],
                    fp_hidden: list[torch.Tensor] | None = None, arch: Architecture | None = None,
-                   model_config=None, name: str = "block") -> tuple[dict, list[torch.Tensor], list[torch.Tensor]]:
+                   model_config=None, name: str = "block",
+                   index: int | None = None) -> tuple[dict, list[torch.Tensor], list[torch.Tensor]]:
     """Quantize the linears of one block in place.
 
     ``hidden``: the block's inputs, one ``(b, T, H)`` tensor per batch, from the quantized prefix;
@@ -90,7 +101,8 @@ def quantize_block(block: nn.Module, config: QuantConfig, hidden: list[torch.Ten
     Returns (block statistics with ``"layers"``, quantized outputs, full-precision outputs).
     """
     names = list(find_linears(block))
-    all_qlinears = to_fake(block, names, _spec_fn(config))
+    n_layers = getattr(model_config, "num_hidden_layers", None)
+    all_qlinears = to_fake(block, names, _spec_fn(config, arch, index, n_layers))
     set_quant_state(block, weight=False, act=False)
     forward = lambda h, kw: block_forward(block, h, kw)  # noqa: E731
     experts, few = _expert_policy(block, all_qlinears, arch, hidden, kwargs, config)
@@ -296,7 +308,7 @@ def quantize_model(model: nn.Module, arch: Architecture, config: QuantConfig, ca
                                                    fp_hidden, result)
         else:
             stats, hidden, fp_out = quantize_block(block, config, hidden, inputs.block_kwargs(i), fp_hidden, arch,
-                                                   model.config, name=f"block {i}")
+                                                   model.config, name=f"block {i}", index=i)
             lorc = collect_factors(block, prefix)
             frozen = finalize_block(block, prefix)
             result.lorc.update(lorc)

@@ -80,6 +80,28 @@ def test_cli_k_quant_file_holds_bitsmith_weights(k_model, tmp_path, kind):
             assert (got - want).abs().max() <= 1e-6 * want.abs().max(), (i, short)
 
 
+def test_q4_k_m_mix_in_the_file(k_model, tmp_path):
+    """``--gguf-mix q4_k_m`` on 2 layers: llama.cpp's rule (use_more_bits(i, 2): only i = 1 ≥ 7·2/8) gives layer 1's
+    attn_v and ffn_down Q6_K, everything else Q4_K; the file type is MOSTLY_Q4_K_M and the tensors still hold
+    bitsmith's weights."""
+    import bitsmith
+
+    src = _quantize(k_model, tmp_path / "q", "gptq", "--wformat", "q4_k", "--gguf-mix", "q4_k_m")
+    assert main(["export", str(src), "--format", "gguf", "--output", str(tmp_path / "m.gguf"), "-q"]) == 0
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.1.attn_v.weight"] == types["blk.1.ffn_down.weight"] == "Q6_K"
+    assert types["blk.0.attn_v.weight"] == types["blk.0.ffn_down.weight"] == "Q4_K"
+    for i in range(2):
+        assert {types[f"blk.{i}.{n}.weight"] for n in ("attn_q", "attn_k", "attn_output", "ffn_gate", "ffn_up")} \
+            == {"Q4_K"}
+    assert reader.get_field("general.file_type").contents() == int(gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    t = next(t for t in reader.tensors if t.name == "blk.1.ffn_down.weight")
+    want = bitsmith.load(src).model.layers[1].mlp.down_proj.dequantized_weight()
+    got = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+    assert (got - want).abs().max() <= 1e-6 * want.abs().max()
+
+
 def test_ragged_rows_fall_back_like_llama_cpp(tmp_path, caplog):
     """The fixtures' 64-wide rows have no super-block: Q4_K falls back to Q5_0 (symmetric INT5, groups of 32),
     stated in the warning; the 172-wide down_proj (no 32-weight blocks either) stays dense."""
@@ -136,15 +158,15 @@ def test_gptq_optimises_the_k_grid(k_model, tmp_path):
 
 @pytest.mark.llamacpp
 def test_llamacpp_runs_k_quant_files_with_bitsmith_perplexity(k_model, tmp_path):
-    """llama.cpp's perplexity on bitsmith's Q4_K and Q6_K (GPTQ) files is bitsmith's, within 0.5 %. Also measured
+    """llama.cpp's perplexity on bitsmith's Q4_K, Q6_K and Q4_K_M-mix (GPTQ) files is bitsmith's, within 0.5 %. Also measured
     (benchmarks/RESULTS.md): the files' KL to llama.cpp's own F32 run, against llama.cpp's own quantizer."""
     import bitsmith
     from bitsmith.eval.perplexity import model_forward, perplexity
 
     windows = _windows(tmp_path)
     targets = windows[:, 1:].unsqueeze(-1)
-    for kind in ("q4_k", "q6_k"):
-        src = _quantize(k_model, tmp_path / kind, "gptq", "--wformat", kind)
+    for kind, mix in (("q4_k", ()), ("q6_k", ()), ("q4_k", ("--gguf-mix", "q4_k_m"))):
+        src = _quantize(k_model, tmp_path / (kind + "".join(mix)), "gptq", "--wformat", kind, *mix)
         assert main(["export", str(src), "--format", "gguf", "--output", str(src) + ".gguf", "-q"]) == 0
         got = _logprobs(str(src) + ".gguf", tmp_path)
         engine_ppl = float(torch.exp(-got.gather(-1, targets).mean()))

@@ -68,3 +68,29 @@ def test_rows_not_a_multiple_of_256_fall_back_like_llama_cpp(kind, want):
     spec = QuantSpec(fmt, PerGroup(fmt.sub_block))
     assert fallback_spec(spec, 512) is spec
     assert fallback_spec(spec, 172) == QuantSpec(want, PerGroup(32))
+
+
+def test_q4_k_m_gives_attn_v_and_ffn_down_q6_k_in_llama_cpp_s_layers():
+    from bitsmith.formats import mix_spec
+
+    base = QuantSpec(KQuantFormat("q4_k"), PerGroup(32))
+    kinds = [mix_spec("q4_k_m", base, "ffn_down", i, 32).format.name for i in range(32)]
+    # llama.cpp use_more_bits(i, 32): i < 4, i >= 28, or (i - 4) % 3 == 2
+    assert [i for i, k in enumerate(kinds) if k == "q6_k"] == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29,
+                                                               30, 31]
+    assert set(kinds) == {"q4_k", "q6_k"}
+    assert mix_spec("q4_k_m", base, None, 0, 32) is base  # q, k, o, gate, up keep the base type
+    assert mix_spec("q4_k_s", base, "attn_v", 3, 32).format.name == "q5_k"
+    assert mix_spec("q4_k_s", base, "attn_v", 4, 32) == base
+    assert mix_spec("q5_k_m", QuantSpec(KQuantFormat("q5_k"), PerGroup(32)), "attn_v", 0, 32).format.name == "q6_k"
+
+
+def test_gguf_mix_needs_its_base_format():
+    from bitsmith.config import QuantConfig
+
+    with pytest.raises(ValueError, match="--wformat q4_k"):
+        QuantConfig(weight=QuantSpec(IntFormat(4), PerGroup(32)), gguf_mix="q4_k_m")
+    with pytest.raises(ValueError, match="unknown gguf_mix"):
+        QuantConfig(weight=QuantSpec(KQuantFormat("q4_k"), PerGroup(32)), gguf_mix="q3_k_m")
+    c = QuantConfig(weight=QuantSpec(KQuantFormat("q4_k"), PerGroup(32)), gguf_mix="q4_k_m")
+    assert QuantConfig.from_dict(c.to_dict()) == c

@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--e2e-lr", type=float, default=None, help="end-to-end norm tuning learning rate (bitsmith: 0.05)")
     r.add_argument("--patience", type=int, default=None,
                    help="evaluations without improvement before stopping a block early (default 0 = never)")
+    q.add_argument("--gguf-mix", default=None, choices=["q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m"],
+                   help="llama.cpp's K-quant mix: with --wformat q4_k/q5_k, attn_v and ffn_down get more bits in "
+                        "the layers llama.cpp gives them (e.g. q4_k_m: Q6_K there)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     q.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from OUTPUT.partial (same settings and data)")
@@ -208,6 +211,8 @@ def config_from_args(args: argparse.Namespace):
     base["gptq"] = gptq
     if args.min_expert_tokens is not None:
         base["min_expert_tokens"] = args.min_expert_tokens
+    if args.gguf_mix is not None:
+        base["gguf_mix"] = args.gguf_mix
     if args.lorc_rank is not None:
         base["lorc_rank"] = args.lorc_rank
         if args.lorc_rank == 0 and args.lorc_bits is None:

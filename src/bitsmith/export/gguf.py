@@ -482,7 +482,10 @@ def export_gguf(src: str | Path, dest: str | Path, overwrite: bool = False, stri
         if perm is not None:
             data = np.ascontiguousarray(data[perm.numpy()])
         writer.add_tensor(gname, data, raw_dtype=raw)
-    if used:
+    mix = (source.recipe.get("gguf_mix") if source is not None else None) or ""
+    if mix:
+        writer.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{mix.upper()}"))
+    elif used:
         main = used.most_common(1)[0][0].name
         writer.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{main}", None)
                              or getattr(gguf.LlamaFileType, f"MOSTLY_{main}_M"))  # Q4_K/Q5_K: llama.cpp's _M names

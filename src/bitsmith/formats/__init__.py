@@ -11,7 +11,7 @@ from .base import NumberFormat
 from .floating import E2M1, E2M3, E3M2, E4M3, E5M2, FPFormat
 from .granularity import Granularity, PerChannel, PerGroup, PerTensor, PerToken, granularity_from_dict
 from .integer import IntFormat
-from .kquant import K_FORMATS, KQuantFormat, fallback_spec
+from .kquant import GGUF_MIXES, K_FORMATS, KQuantFormat, fallback_spec, mix_spec
 from .spec import MAX_POW2_SHIFT, SCALE_CONSTRAINTS, QuantizedTensor, QuantSpec, activation_spec, constrain_scale
 from .ste import round_ste
 
@@ -68,4 +68,5 @@ __all__ = [
     "Granularity", "PerTensor", "PerChannel", "PerGroup", "PerToken", "granularity_from_dict",
     "QuantSpec", "QuantizedTensor", "activation_spec", "constrain_scale", "SCALE_CONSTRAINTS", "MAX_POW2_SHIFT",
     "make_format", "format_from_dict", "spec_from_dict", "round_ste", "KQuantFormat", "K_FORMATS", "fallback_spec",
+    "GGUF_MIXES", "mix_spec",
 ]

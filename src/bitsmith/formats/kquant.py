@@ -170,3 +170,33 @@ def fallback_spec(spec: QuantSpec, n_in: int) -> QuantSpec:
         return spec
     bits, symmetric = _FALLBACK[fmt.kind]
     return QuantSpec(IntFormat(bits, symmetric), PerGroup(32))
+
+
+# llama.cpp's K-quant mixes (llama-quant.cpp ``llama_tensor_get_type``): a base K type and, for the value projection
+# and the MLP output (``attn_v``, ``ffn_down``), more bits in some layers. The head and embeddings stay as they are
+# in bitsmith (full precision); llama.cpp would give the head Q6_K.
+GGUF_MIXES = ("q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m")
+
+
+def _use_more_bits(layer: int, n_layers: int) -> bool:
+    """llama.cpp's ``use_more_bits``: the first and last eighth of the layers and every third one between."""
+    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
+
+
+def mix_spec(mix: str, spec: QuantSpec, role: str | None, layer: int, n_layers: int) -> QuantSpec:
+    """The spec of one linear under llama.cpp's ``mix`` (``q4_k_m`` …) with base ``spec`` (its K type): ``role`` is
+    ``attn_v``, ``ffn_down`` or None (every other linear keeps ``spec``); ``layer`` of ``n_layers``."""
+    if mix not in GGUF_MIXES:
+        raise ValueError(f"unknown GGUF mix {mix!r}; use one of {', '.join(GGUF_MIXES)}")
+    if role not in ("attn_v", "ffn_down"):
+        return spec
+    if mix.endswith("_m"):
+        more = _use_more_bits(layer, n_layers)
+        kind = "q6_k" if more else spec.format.name
+    elif mix == "q4_k_s":
+        more = layer < 4 if role == "attn_v" else layer < n_layers // 8
+        kind = "q5_k" if more else spec.format.name
+    else:  # q5_k_s: the base type everywhere
+        kind = spec.format.name
+    fmt = KQuantFormat(kind)
+    return QuantSpec(fmt, PerGroup(fmt.sub_block))
