@@ -85,7 +85,7 @@ class _Grid:
         g = spec.granularity
         self.group = g.group_size if isinstance(g, PerGroup) else self.cols
         # K-quants: a super-block's scales are quantized together, so all qparams come from the start weights
-        self.dynamic = isinstance(g, PerGroup) and not static and getattr(spec.format, "sub_block", None) is None
+        self.dynamic = isinstance(g, PerGroup) and not static and spec.format.sub_block is None
         self.column_spec = QuantSpec(spec.format, PerChannel(), spec.scale_constraint) if self.dynamic else None
         self.scale = self.zero = None
         self.raw: tuple[torch.Tensor, torch.Tensor | None] | None = None

@@ -155,7 +155,7 @@ def _spec_from_flags(bits: int | None, fmt_name: str, group: int | None, sym: bo
         return None
     fmt = make_format(fmt_name, bits=None if fmt_name != "int" and bits is None else bits,
                       symmetric=sym if not activation else False)
-    sub = getattr(fmt, "sub_block", None)  # K-quants: the sub-block is the group
+    sub = fmt.sub_block  # K-quants: the sub-block is the group
     gran = PerToken() if activation else (PerGroup(group or sub) if group or sub else PerChannel())
     return QuantSpec(fmt, gran, "none" if activation else constraint)
 

@@ -179,19 +179,19 @@ def _plan(source, strict: bool):
     return groups, dense
 
 
-def _act_spec(src, recipe: dict) -> QuantSpec | None:
-    """The recipe's activation spec after checking it is deployable (KV-cache quantization is refused)."""
+def _act_spec(src, recipe: dict) -> tuple[QuantSpec | None, str | None]:
+    """The recipe's activation spec and its deployable scheme name (``(None, None)`` weight-only); KV-cache
+    quantization and undeployable pairs are refused."""
     if recipe.get("kv"):
         raise ValueError(f"{src} quantizes the KV cache with bitsmith's dynamic per-token scales; vLLM's quantized "
                          "KV cache uses static per-tensor scales, which this export cannot derive: re-quantize "
                          "without --kvbits/--kvformat and serve with vLLM's --kv-cache-dtype fp8")
     if not recipe.get("act"):
-        return None
+        return None, None
     act = spec_from_dict(recipe["act"])
     if recipe.get("weight") is None:
         raise ValueError(f"{src} quantizes activations but not weights; no engine runs that, quantize weights too")
-    activation_scheme(spec_from_dict(recipe["weight"]), act)
-    return act
+    return act, activation_scheme(spec_from_dict(recipe["weight"]), act)
 
 
 def export_compressed_tensors(src: str | Path, dest: str | Path, overwrite: bool = False,
@@ -210,10 +210,9 @@ def export_compressed_tensors(src: str | Path, dest: str | Path, overwrite: bool
     from .source import open_source, require_output
 
     dest = check_output_dir(dest, overwrite)
-    _act_spec(src, require_output(src).get("recipe", {}))  # refusals before the model is loaded
+    act, scheme = _act_spec(src, require_output(src).get("recipe", {}))  # refusals before the model is loaded
     model, tokenizer = load_model(src)
     source = open_source(src, model)
-    act = _act_spec(src, source.recipe)
     if not source.layers:
         raise ValueError(f"{src} has no quantized layers; quantize weights (--wbits < 16) before exporting")
     groups, dense = _plan(source, strict or act is not None)
@@ -235,7 +234,7 @@ def export_compressed_tensors(src: str | Path, dest: str | Path, overwrite: bool
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     log.info("wrote compressed-tensors checkpoint (%s%s) to %s", qconfig.format,
-             "" if act is None else f", {activation_scheme(spec_from_dict(source.recipe['weight']), act)}", dest)
+             "" if scheme is None else f", {scheme}", dest)
     return dest
 
 

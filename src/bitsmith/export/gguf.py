@@ -38,9 +38,9 @@ multiple of 32 (the 172-wide ``down_proj`` of the fixtures). Such layers are **s
 dtype of the bitsmith folder, i.e. its exact dequantized weight) with one warning naming them, so the file computes
 the same function, only less compressed; ``strict=True`` (``--strict``) refuses them instead, before anything is
 written. Activation / KV-cache quantization always raises (llama.cpp would not re-apply it), as does a non-LLaMA
-architecture, RoPE scaling other than none/linear, or a folder in which no
-layer can be stored quantized. An ordinary model folder (no ``bitsmith.json``) is written unquantized (F32/F16/BF16),
-e.g. as the input of llama.cpp's own quantizer.
+architecture, RoPE scaling other than none/linear, or a folder in which no layer can be stored quantized. An
+ordinary model folder (no ``bitsmith.json``) is written unquantized (F32/F16/BF16), e.g. as the input of llama.cpp's
+own quantizer.
 
 **K-quants.** Weights quantized with ``--wformat q4_k`` / ``q5_k`` / ``q6_k`` (:mod:`bitsmith.formats.kquant`: the
 algorithms optimise llama.cpp's own super-block grid) are written as ``Q4_K`` / ``Q5_K`` / ``Q6_K``, codes copied

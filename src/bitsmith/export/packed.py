@@ -125,7 +125,11 @@ def read_packed_config(folder: str | Path) -> dict[str, Any]:
     if files is None:
         raise ValueError(f"{folder} has no packed checkpoint ({PACKED_DIR}/{PACKED_CONFIG} + {PACKED_NAME}); "
                          "re-run bitsmith quantize without --no-pack")
-    p = files[1]
+    return parse_packed_config(files[1])
+
+
+def parse_packed_config(p: Path) -> dict[str, Any]:
+    """The checked body of the ``quantization.json`` at ``p`` (ValueError naming the fix when unreadable)."""
     try:
         body = json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -21,7 +21,7 @@ from torch import nn
 from ..formats import QuantizedTensor, spec_from_dict
 from ..nn.packed import PackedLinear
 from .hf import read_report
-from .packed import build_packed_linear, packed_files, read_packed_config
+from .packed import build_packed_linear, packed_files, parse_packed_config
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def open_source(folder: str | Path, model: nn.Module) -> Source:
     recipe = require_output(folder).get("recipe", {})
     files = packed_files(folder)
     if files is not None:
-        body = read_packed_config(folder)
+        body = parse_packed_config(files[1])
         return Source(folder, model, recipe, body["layers"], False, load_file(str(files[0])))
     if not recipe.get("weight"):
         raise ValueError(f"{folder} has no quantized layers; quantize weights (--wbits < 16) before exporting")

@@ -21,6 +21,9 @@ class NumberFormat(ABC):
     """A quantized number format: ``bits`` per code, a code grid, and how a block's range maps onto it."""
 
     bits: int
+    #: Weights per sub-block for formats whose grid is defined on fixed blocks (llama.cpp's K-quants: the spec's
+    #: group size is this, their zero point is real-valued and their scales are quantized together); None otherwise.
+    sub_block: int | None = None
 
     @property
     @abstractmethod

@@ -77,7 +77,7 @@ class QuantSpec:
             raise ValueError(
                 f"unknown scale constraint {self.scale_constraint!r}; use one of {', '.join(SCALE_CONSTRAINTS)}"
             )
-        sub = getattr(self.format, "sub_block", None)  # K-quants: the sub-block is the group
+        sub = self.format.sub_block  # K-quants: the sub-block is the group
         if sub is not None and self.granularity != PerGroup(sub):
             raise ValueError(f"{self.format.name} quantizes sub-blocks of {sub} weights; use groups of {sub} "
                              f"(drop --group-size), not {self.granularity.kind}")

@@ -64,7 +64,7 @@ class PackedLinear(nn.Module):
         self.out_features, self.in_features = qt.codes.shape
         self.register_buffer("qweight", pack_codes(qt))
         self.register_buffer("scale", qt.scale.to(dtype))
-        real_zero = getattr(qt.spec.format, "sub_block", None) is not None  # K-quants: z = dmin·m / s is real
+        real_zero = qt.spec.format.sub_block is not None  # K-quants: z = dmin·m / s is real
         self.register_buffer("zero", None if qt.zero is None else qt.zero.to(dtype if real_zero else torch.uint8))
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
 
@@ -174,7 +174,7 @@ class PackedLinear(nn.Module):
         n = self.out_features * self.in_features
         bits = self.spec.format.bits
         fmt = self.spec.format
-        if getattr(fmt, "sub_block", None) is not None:  # K-quant: 6-bit scale (+ min) per sub-block, fp16 d (+ dmin)
+        if fmt.sub_block is not None:  # K-quant: 6-bit scale (+ min) per sub-block, fp16 d (+ dmin)
             per_sub, per_super = (12, 32) if fmt.has_min else (8, 16)
             return n * bits + self.scale.numel() * per_sub + (n // 256) * per_super + self.lorc_storage_bits(scale_bits)
         n_zero = 0 if self.zero is None else self.zero.numel()
