@@ -107,7 +107,7 @@ def make_config(row: Row, int_group: int, nsamples: int, seqlen: int, epochs: in
     if epochs is not None and "epochs" in omni:
         omni["epochs"] = epochs
     return QuantConfig(method=row.method, weight=weight, act=act, calib=calib, nsamples=nsamples, seqlen=seqlen,
-                       seed=0, omniquant=OmniQuantConfig(**omni), lorc_rank=row.lorc_rank, lorc_bits=row.lorc_bits)
+                       seed=0, options=OmniQuantConfig(**omni) if row.method == "omniquant" else None, lorc_rank=row.lorc_rank, lorc_bits=row.lorc_bits)
 
 
 def _block_model(shape: dict, seqlen: int, dtype: torch.dtype):
@@ -157,7 +157,7 @@ def run_child(spec: dict) -> dict:
     block_s = [b["seconds"] for b in result.blocks]
     return {"row": row.key, "method": row.method, "setting": row.setting.format(g=int_group), "label": config.label,
             "target": spec["target"], "nsamples": spec["nsamples"], "seqlen": spec["seqlen"],
-            "epochs": config.omniquant.epochs if row.method == "omniquant" else None,
+            "epochs": config.options.epochs if row.method == "omniquant" else None,
             "seconds": result.seconds, "cpu_seconds": cpu_seconds, "block_seconds": block_s, "capture_seconds": result.seconds - sum(block_s),
             "baseline_rss_mb": baseline / 2**20, "peak_rss_mb": peak_rss,
             "peak_accelerator_mb": mem.get("peak_accelerator_mb"), "threads": torch.get_num_threads(),

@@ -49,9 +49,9 @@ LLAMACPP_ROWS = (
 )
 
 
-def _quantize(src: Path, out: Path, calib: Path, flags) -> Path:
-    assert cli(["quantize", str(src), "--method", "rtn", "--calib", str(calib), "--nsamples", "8", "--seqlen",
-                "128", "-o", str(out), "-q", *flags]) == 0
+def _quantize(src: Path, out: Path, calib: Path, flags, nsamples: int = 8) -> Path:
+    assert cli(["quantize", str(src), "--method", "rtn", "--calib", str(calib), "--nsamples", str(nsamples),
+                "--seqlen", "128", "-o", str(out), "-q", *flags]) == 0
     return out
 
 
@@ -105,10 +105,14 @@ def llamacpp_rows(tmp: Path) -> list[tuple[str, float, float]]:
     return rows
 
 
+KQUANT_SAMPLES = 128  # 16k calibration tokens: with 8 windows (1k tokens) learned rounding overfits (RESULTS)
+
+
 def kquant_rows(tmp: Path) -> list[tuple[str, float]]:
     """KL(F32 ‖ Q4_K file) per position, all measured by llama.cpp on the hidden-256 generated model (every row a
     multiple of 256): bitsmith's RTN / GPTQ / default recipe on the q4_k grid against llama.cpp's own quantizer
-    (all tensors Q4_K, embeddings and head F32, no importance matrix) of the same F32 file."""
+    (all tensors Q4_K, embeddings and head F32, no importance matrix) of the same F32 file; calibration
+    ``KQUANT_SAMPLES`` windows of 128 tokens."""
     import numpy as np
 
     windows = eval_windows(load_tokens(str(SHARED / "data/stories260K-samples/test.jsonl"), "test"), 128, 8)
@@ -120,7 +124,7 @@ def kquant_rows(tmp: Path) -> list[tuple[str, float]]:
     files = {"llama.cpp's own quantizer (llama_model_quantize, pure Q4_K)": tmp / "llamacpp.gguf"}
     calib = SHARED / "data/stories260K-samples/valid.jsonl"
     for method in ("rtn", "gptq", "bitsmith"):
-        src = _quantize(fp, tmp / f"k{method}", calib, ("--method", method, "--wformat", "q4_k"))
+        src = _quantize(fp, tmp / f"k{method}", calib, ("--method", method, "--wformat", "q4_k"), KQUANT_SAMPLES)
         assert cli(["export", str(src), "--format", "gguf", "--output", str(src) + ".gguf", "-q"]) == 0
         files[f"bitsmith {method} on the q4_k grid"] = Path(str(src) + ".gguf")
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 from tiny_models import tiny_model  # noqa: E402
 
-from bitsmith.config import LEARNED, QuantConfig  # noqa: E402
+from bitsmith.config import QuantConfig  # noqa: E402
 from bitsmith.formats import IntFormat, PerGroup, QuantSpec  # noqa: E402
 from bitsmith.models import get_architecture  # noqa: E402
 from bitsmith.pipeline import quantize_model  # noqa: E402
@@ -57,8 +57,7 @@ def run(family: str, method: str, spec: QuantSpec, calib: torch.Tensor, test: to
     kw = {**SHAPE, **SHAPE_OVERRIDES.get(family, {})}
     model = tiny_model(family, **kw)
     fp = _logprobs(model, test)
-    rc = LEARNED["bitsmith"] if method == "bitsmith" else None
-    cfg = QuantConfig(method=method, weight=spec, nsamples=calib.shape[0], seqlen=calib.shape[1], reconstruct=rc)
+    cfg = QuantConfig(method=method, weight=spec, nsamples=calib.shape[0], seqlen=calib.shape[1])
     t0 = time.perf_counter()
     res = quantize_model(model, get_architecture(model), cfg, calib, torch.device("cpu"), progress=False)
     per_block = (time.perf_counter() - t0) / len(res.blocks)

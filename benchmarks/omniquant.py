@@ -204,8 +204,9 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
             over = {k: v for k, v in (("epochs", args.epochs), ("lwc_lr", args.lwc_lr), ("let_lr", args.let_lr))
                     if v is not None}
             config = QuantConfig(method=method, weight=s.weight, act=s.act, kv=s.kv,
-                                 omniquant=dataclasses.replace(s.omni, **over),
-                                 smoothquant=SmoothQuantConfig(alpha=args.alpha), calib=str(data),
+                                 options={"omniquant": dataclasses.replace(s.omni, **over),
+                                          "smoothquant": SmoothQuantConfig(alpha=args.alpha)}.get(method),
+                                 calib=str(data),
                                  nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
             result = quantize_model(model, arch, config, calib, torch.device("cpu"), progress=False)
             t1 = time.perf_counter()
@@ -240,6 +241,11 @@ def anomalies(run: dict, fp32: dict[str, float]) -> list[str]:
     return msgs
 
 
+def _omni_options(config: dict) -> dict:
+    """OmniQuant's options from a stored run's recipe (version 2: ``options``; version 1: ``omniquant``)."""
+    return config.get("options") if config.get("version", 1) >= 2 else config["omniquant"]
+
+
 def _find(res: dict, setting: str, method: str) -> dict | None:
     for r in res["runs"]:
         if r["setting"] == setting and r["method"] == method:
@@ -264,7 +270,7 @@ def ppl_table(res: dict, methods: list[str], evals: list[str], best: bool = True
     for s in settings:
         runs = {m: _find(res, s.name, m) for m in used}
         omni = _find(res, s.name, "omniquant")
-        row = [s.name, recipe(OmniQuantConfig(**omni["config"]["omniquant"])) if omni else "–"]
+        row = [s.name, recipe(OmniQuantConfig(**_omni_options(omni["config"]))) if omni else "–"]
         for e in evals:
             vals = {m: r["ppl"][e] for m, r in runs.items() if r is not None}
             low = min(vals.values()) if vals else None

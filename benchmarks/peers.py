@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from bitsmith.config import LEARNED
+from bitsmith.algorithms.default import BITSMITH
 from bitsmith.data import calibration_samples, eval_windows, load_tokens
 from bitsmith.eval.perplexity import model_forward, perplexity
 from bitsmith.export.hf import read_report
@@ -172,7 +172,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     if args.equal_iters is None:
-        args.equal_iters = LEARNED["bitsmith"].steps
+        args.equal_iters = BITSMITH.steps
     return args
 
 

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from bitsmith.algorithms.omniquant import OmniQuantConfig
-from bitsmith.config import LEARNED, QuantConfig
+from bitsmith.algorithms import get_method
+from bitsmith.config import QuantConfig
 from bitsmith.eval.perplexity import model_forward, perplexity
 from bitsmith.formats import E2M1, E4M3, IntFormat, PerChannel, PerGroup, PerToken, QuantSpec
 from bitsmith.models import get_architecture, load_model
@@ -56,9 +57,9 @@ def config(setting: str, method: str, changes: dict) -> QuantConfig:
     weight, act = SETTINGS[setting]
     kw = dict(method=method, weight=weight, act=act, nsamples=32, seqlen=128)
     if method == "omniquant":
-        kw["omniquant"] = OmniQuantConfig(**changes)
-    elif method in LEARNED:
-        kw["reconstruct"] = LEARNED[method].replace(**changes)
+        kw["options"] = OmniQuantConfig(**changes)
+    elif get_method(method).learned(get_method(method).default(act is not None)) is not None:
+        kw["options"] = get_method(method).default(act is not None).replace(**changes)
     return QuantConfig(**kw)
 
 

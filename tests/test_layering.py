@@ -1,5 +1,5 @@
-"""The package's one-way layering (STYLE.md §2.1): lower layers never import higher ones; no literal
-accelerator name outside the device helper; library modules never print."""
+"""The package's one-way layering (STYLE.md §2.1): lower layers never import higher ones; no import cycle between
+modules; no literal accelerator name outside the device helper; library modules never print."""
 
 from __future__ import annotations
 
@@ -9,17 +9,24 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "bitsmith"
-ORDER = ["formats", "nn", "transforms", "algorithms", "config", "models", "pipeline", "data", "eval", "export", "cli"]
-# what each layer may import from bitsmith (besides itself); utils is usable by all
+ORDER = ["errors", "utils", "formats", "nn", "transforms", "algorithms", "config", "models", "checkpoint", "pipeline",
+         "data", "eval", "export", "cli"]
+# what each layer may import from bitsmith (besides itself); errors and utils are usable by all
 ALLOWED = {
+    "errors": set(),
+    "utils": set(),
     "formats": set(),
     "nn": {"formats"},
     "transforms": {"formats", "nn"},
     "algorithms": {"formats", "nn", "transforms"},
     "config": {"formats", "algorithms"},
     "models": {"formats", "nn", "transforms", "algorithms"},
+    "checkpoint": {"formats", "nn", "algorithms"},
+    "pipeline": {"formats", "nn", "transforms", "algorithms", "config", "models", "checkpoint"},
     "data": set(),
     "eval": set(),
+    "export": {"formats", "nn", "transforms", "algorithms", "config", "models", "data", "eval"},
+    "cli": set(ORDER) | {"__version__"},
 }
 
 
@@ -56,8 +63,55 @@ def test_layer_imports_only_lower_layers(layer):
     files = list((SRC / layer).rglob("*.py")) if (SRC / layer).is_dir() else [SRC / f"{layer}.py"]
     assert files
     for f in files:
-        bad = _bitsmith_imports(f) - ALLOWED[layer] - {layer, "utils", "__init__"}
+        bad = _bitsmith_imports(f) - ALLOWED[layer] - {layer, "errors", "utils", "__init__"}
         assert not bad, f"{f.relative_to(SRC)} imports {sorted(bad)}, above its layer {layer!r}"
+
+
+def test_errors_imports_nothing_from_bitsmith():
+    assert not _bitsmith_imports(SRC / "errors.py")
+    assert not _bitsmith_imports(SRC / "utils" / "__init__.py") - {"errors"}
+
+
+def _module(path: Path) -> str:
+    parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """bitsmith module → the bitsmith modules it imports (anywhere in the file, function-level imports too)."""
+    files = {_module(f): f for f in SRC.rglob("*.py")}
+    graph = {}
+    for name, f in files.items():
+        package = name.split(".") if f.name == "__init__.py" else name.split(".")[:-1]
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = ".".join(package[: len(package) - node.level + 1]) if node.level else ""
+                full = ".".join(p for p in (base, node.module or "") if p)
+                deps.update(f"{full}.{a.name}" if f"{full}.{a.name}" in files else full for a in node.names)
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names)
+        graph[name] = {d for d in deps if d in files and d != name}
+    return graph
+
+
+def test_no_import_cycle():
+    graph, state, path = _module_graph(), {}, []
+
+    def visit(m: str) -> None:
+        state[m] = "open"
+        path.append(m)
+        for d in sorted(graph[m]):
+            assert state.get(d) != "open", "import cycle: " + " → ".join(path[path.index(d):] + [d])
+            if d not in state:
+                visit(d)
+        path.pop()
+        state[m] = "done"
+
+    assert len(graph) > 50
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
 
 
 def test_formats_is_pure():

@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     """Lazy public API (keeps ``import bitsmith`` light): ``bitsmith.load(path)`` reads a ``--pack`` folder."""
     if name == "load":
-        from .export.packed import load
+        from .export.load import load
 
         return load
     raise AttributeError(f"module 'bitsmith' has no attribute {name!r}")

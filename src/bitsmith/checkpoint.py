@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .errors import CheckpointError
 from .formats import QuantizedTensor, spec_from_dict
 
 log = logging.getLogger(__name__)
@@ -77,9 +78,9 @@ class Checkpoint:
         try:
             state = json.loads(self.state_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"checkpoint {self.state_path} is corrupt ({e}); delete {self.folder} and start over")
+            raise CheckpointError(f"checkpoint {self.state_path} is corrupt ({e}); delete {self.folder} and start over")
         if state.get("fingerprint") != self.fingerprint:
-            raise ValueError(f"checkpoint {self.folder} was made with other settings or calibration data; "
+            raise CheckpointError(f"checkpoint {self.folder} was made with other settings or calibration data; "
                              "rerun with the same ones, or delete it (or pass --overwrite) to start over")
         return int(state.get("blocks_done", 0))
 

@@ -14,23 +14,30 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .algorithms.awq import awq_block
-from .algorithms.block import gptq_block, gptq_start_block, rtn_block
+from .algorithms import BlockJob, get_method
 from .algorithms.e2e import EndToEndConfig, tune_end_to_end
-from .algorithms.learned import reconstruct_block
 from .algorithms.lorc import LoRCFactors, collect_factors, lorc_block
-from .algorithms.smoothquant import smoothquant_block
+from .algorithms.rtn import rtn_block
 from .checkpoint import Checkpoint
 from .config import QuantConfig
+from .errors import CheckpointError, NumericsError
 from .formats import QuantizedTensor, QuantSpec, fallback_spec, mix_spec
-from .models import (Architecture, block_forward, capture_block_inputs, final_hidden, find_linears, get_blocks,
-                     head_logits, norm_parameters, split_experts)
+from .models import (
+    Architecture,
+    block_forward,
+    capture_block_inputs,
+    final_hidden,
+    find_linears,
+    get_blocks,
+    head_logits,
+    norm_parameters,
+    split_experts,
+)
 from .models.kvcache import enable_kv_quant
-from .models.let import let_edges
+from .models.edges import let_edges
 from .models.moe import expert_index
 from .models.streaming import BlockStream
 from .nn import QuantLinear, quant_linears, set_quant_state, to_fake
-from .transforms import collect_input_stats, collect_inputs
 from .utils import dist
 from .utils.device import empty_cache, peak_memory_bytes, reset_peak_memory
 from .utils.memory import MemoryMeter, as_store, copy_like, new_like
@@ -104,32 +111,14 @@ def quantize_block(block: nn.Module, config: QuantConfig, hidden: list[torch.Ten
     n_layers = getattr(model_config, "num_hidden_layers", None)
     all_qlinears = to_fake(block, names, _spec_fn(config, arch, index, n_layers))
     set_quant_state(block, weight=False, act=False)
-    forward = lambda h, kw: block_forward(block, h, kw)  # noqa: E731
     experts, few = _expert_policy(block, all_qlinears, arch, hidden, kwargs, config)
-    qlinears = {n: q for n, q in all_qlinears.items() if n not in few}  # what the algorithm calibrates
-    if config.learned() is not None:
-        stats, fp_out = _reconstruct(block, config, qlinears, hidden, kwargs, fp_hidden, arch, model_config, name)
-    elif config.method == "awq" and config.weight is not None:
-        edges, consumers = _edges(block, arch, model_config, hidden[0].device, shift=False, qk=False,
-                                  up_down=True)
-        rows = dist.local_row_budget(config.awq.max_tokens, hidden[0].shape[1],
-                                     len(hidden) * hidden[0].shape[0])  # this rank's part of the global rows
-        with collect_inputs(consumers, rows) as edge_inputs:
-            fp_out = _outputs(block, hidden, kwargs)
-        stats = awq_block(qlinears, edges, edge_inputs, config.awq)
-    elif config.method == "smoothquant":
-        edges, consumers = _edges(block, arch, model_config, hidden[0].device, shift=False, qk=False, vo=False)
-        with collect_input_stats(consumers) as edge_stats:
-            fp_out = _outputs(block, hidden, kwargs)
-        stats = smoothquant_block(qlinears, edges, edge_stats, config.smoothquant)
-    else:
-        fp_out = _outputs(block, hidden, kwargs)
-        if config.weight is None:
-            stats = {"layers": {}}
-        elif config.method == "gptq":
-            stats = {"layers": gptq_block(block, qlinears, hidden, kwargs, forward, config.gptq)}
-        else:
-            stats = {"layers": rtn_block(qlinears)}
+    job = BlockJob(name=name, block=block, qlinears={n: q for n, q in all_qlinears.items() if n not in few},
+                   hidden=hidden, kwargs=kwargs, fp_hidden=fp_hidden, weight=config.weight is not None,
+                   act=config.act is not None, kv=config.kv is not None,
+                   forward=lambda h, kw: block_forward(block, h, kw),
+                   outputs=lambda hs: _outputs(block, hs, kwargs),
+                   edges=lambda **kinds: _edges(block, arch, model_config, hidden[0].device, **kinds))
+    stats, fp_out = get_method(config.method).run(job, config.options)  # the algorithm calibrates job.qlinears
     if few and config.weight is not None:  # experts with too few calibration tokens: round to nearest
         stats.setdefault("layers", {}).update(rtn_block({n: all_qlinears[n] for n in few}))
     if experts:
@@ -183,13 +172,13 @@ def check_finite_weights(model: nn.Module) -> None:
     """Refuse a model whose parameters hold NaN/inf, naming the first such tensor (before calibration)."""
     for name, p in model.named_parameters():
         if not p.is_meta and not torch.isfinite(p).all():  # streamed weights are checked as they are read
-            raise ValueError(f"model weight {name} contains NaN or inf; the checkpoint is corrupt, re-export it "
+            raise NumericsError(f"model weight {name} contains NaN or inf; the checkpoint is corrupt, re-export it "
                              "from a good copy")
 
 
 def _check_finite(tensors: list[torch.Tensor], what: str) -> None:
     if not all(torch.isfinite(t).all() for t in tensors):
-        raise ValueError(f"{what} contain NaN or inf in full precision, before any quantization; the model "
+        raise NumericsError(f"{what} contain NaN or inf in full precision, before any quantization; the model "
                          "overflows on this data (try fp32: --device cpu, or other calibration data)")
 
 
@@ -207,31 +196,6 @@ def _edges(block, arch, model_config, device, **kw):
         if e.consumer is not None:
             consumers[e.name] = block.get_submodule(e.consumer)
     return edges, consumers
-
-
-def _reconstruct(block, config, qlinears, hidden, kwargs, fp_hidden, arch, model_config, name):
-    """A learned method on one block (OmniQuant, AutoRound, bitsmith's default): fp targets (and LET
-    statistics) from the full-precision chain, an optional GPTQ start, then the reconstruction trainer."""
-    rc = config.learned()
-    edges, consumers = [], {}
-    if rc.let:
-        edges, consumers = _edges(block, arch, model_config, hidden[0].device, shift=config.act is not None,
-                                  qk=rc.let_qk, up_down=rc.let_up_down)
-    with collect_input_stats(consumers) as edge_stats:
-        fp_out = _outputs(block, fp_hidden if fp_hidden is not None else hidden, kwargs)
-    targets = [[t] for t in fp_out]
-    if rc.aug_loss:
-        for t, extra in zip(targets, _outputs(block, hidden, kwargs)):
-            t.append(extra)
-    block.requires_grad_(False)
-    forward = lambda h, kw: block_forward(block, h, kw)  # noqa: E731
-    if rc.start == "gptq" and config.weight is not None:
-        gptq_start_block(block, qlinears, hidden, kwargs, forward, config.gptq)
-    if config.weight is None:  # no weight quantizers: only LET (for activation quantization) can learn
-        rc = rc.replace(clip="none", rounding=False)
-    set_quant_state(block, weight=config.weight is not None, act=_any_act(config))
-    stats = reconstruct_block(name, qlinears, edges, edge_stats, hidden, targets, kwargs, forward, rc)
-    return stats, fp_out
 
 
 def finalize_block(block: nn.Module, prefix: str) -> dict[str, QuantizedTensor]:
@@ -275,7 +239,7 @@ def quantize_model(model: nn.Module, arch: Architecture, config: QuantConfig, ca
     dist.barrier()  # rank 0 may have just replaced the checkpoint folder (--overwrite)
     done = checkpoint.blocks_done() if checkpoint is not None else 0
     if dist.sum_scalars([done])[0] != done * dist.world_size():  # also: all have read it before rank 0 resets it
-        raise ValueError(f"the processes see different checkpoints in {checkpoint.folder}; put the output on a "
+        raise CheckpointError(f"the processes see different checkpoints in {checkpoint.folder}; put the output on a "
                          "file system every process sees")
     if checkpoint is not None and done == 0 and dist.is_main():
         checkpoint.reset()

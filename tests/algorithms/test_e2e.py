@@ -9,7 +9,8 @@ import torch
 from tiny_models import FAMILIES, tiny_model
 
 from bitsmith.algorithms.e2e import EndToEndConfig, calibration_kl, kl_loss, tune_end_to_end
-from bitsmith.algorithms.learned import BITSMITH, ReconstructConfig
+from bitsmith.algorithms.default import BITSMITH
+from bitsmith.algorithms.reconstruct import ReconstructConfig
 from bitsmith.config import QuantConfig
 from bitsmith.formats import IntFormat, PerChannel, QuantSpec
 from bitsmith.models import get_architecture, norm_parameters
@@ -108,7 +109,7 @@ def test_pipeline_end_to_end_changes_only_norms_and_lowers_the_kl():
     for steps in (0, 20):
         model = copy.deepcopy(base)
         rc = ReconstructConfig(steps=4, e2e_steps=steps, e2e_lr=3e-2)
-        res = quantize_model(model, get_architecture(model), QuantConfig(method="bitsmith", reconstruct=rc,
+        res = quantize_model(model, get_architecture(model), QuantConfig(method="bitsmith", options=rc,
                                                                          **common), ids, CPU, progress=False)
         runs[steps] = (model, res)
     (m0, r0), (m1, r1) = runs[0], runs[20]

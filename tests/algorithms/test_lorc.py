@@ -211,7 +211,7 @@ def test_pipeline_hook_after_every_algorithm(method):
     for rank, bits in ((0, None), (8, 8)):
         model = tiny_model("llama")
         cfg = QuantConfig(method=method, weight=_spec_w3(), nsamples=4, seqlen=16, lorc_rank=rank, lorc_bits=bits,
-                          omniquant=OmniQuantConfig(epochs=1))
+                          options=OmniQuantConfig(epochs=1) if method == "omniquant" else None)
         res = quantize_model(model, get_architecture(model), cfg, ids, torch.device("cpu"), progress=False)
         errs[rank] = float((_logits(model, ids) - ref).pow(2).mean())
         if rank == 0:

@@ -9,10 +9,10 @@ import torch
 from tiny_models import tiny_model
 
 from bitsmith.algorithms.omniquant import OmniQuantConfig
-from bitsmith.algorithms.reconstruct import ParamGroup, TrainConfig, train_with_retry
+from bitsmith.algorithms.reconstruct.trainer import ParamGroup, TrainConfig, train_with_retry
 from bitsmith.formats import IntFormat, PerGroup, PerToken, QuantSpec
 from bitsmith.models import find_linears, get_architecture, get_blocks
-from bitsmith.models.let import let_edges
+from bitsmith.models.edges import let_edges
 from bitsmith.nn import QuantLinear, freeze_all, quant_linears, set_quant_state, to_fake
 from bitsmith.transforms import fold_edges
 
@@ -111,7 +111,7 @@ def test_config_validation(kw, match):
 
 
 def test_keep_best_restores_the_lowest_loss_parameters():
-    from bitsmith.algorithms.reconstruct import eval_loss
+    from bitsmith.algorithms.reconstruct.trainer import eval_loss
 
     q, x, targets, group = _toy_problem()
     group.lr = 5.0  # far too large: the loss ends above its best value
@@ -123,7 +123,7 @@ def test_keep_best_restores_the_lowest_loss_parameters():
         seen.append(orig(*a, **k))
         return seen[-1]
 
-    import bitsmith.algorithms.reconstruct as rc
+    import bitsmith.algorithms.reconstruct.trainer as rc
 
     rc.eval_loss, saved = spy, rc.eval_loss
     try:

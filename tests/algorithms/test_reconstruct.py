@@ -8,13 +8,15 @@ import torch
 from tiny_models import tiny_model
 
 from bitsmith.algorithms.gptq import GPTQConfig, accumulate_hessian, gptq_solve
-from bitsmith.algorithms.groups import ClipGroup, LETGroup, RoundingGroup
-from bitsmith.algorithms.learned import AUTOROUND, BITSMITH, ReconstructConfig
-from bitsmith.algorithms.reconstruct import ParamGroup, TrainConfig, _Sampler, train_block, train_with_retry
+from bitsmith.algorithms.reconstruct.learnable import ClipGroup, LETGroup, RoundingGroup
+from bitsmith.algorithms.autoround import AUTOROUND
+from bitsmith.algorithms.default import BITSMITH
+from bitsmith.algorithms.reconstruct import ReconstructConfig
+from bitsmith.algorithms.reconstruct.trainer import ParamGroup, TrainConfig, _Sampler, train_block, train_with_retry
 from bitsmith.config import QuantConfig
 from bitsmith.formats import E2M1, IntFormat, PerChannel, PerGroup, PerToken, QuantSpec
 from bitsmith.models import find_linears, get_architecture, get_blocks
-from bitsmith.models.let import let_edges
+from bitsmith.models.edges import let_edges
 from bitsmith.nn import QuantLinear, freeze_all, quant_linears, set_quant_state, to_fake
 from bitsmith.nn.quantizer import WeightQuantizer
 from bitsmith.pipeline import quantize_model
@@ -79,7 +81,7 @@ def test_pipeline_gptq_start_zero_steps_equals_gptq():
     ra = quantize_model(model_a, arch, QuantConfig(method="gptq", **common), calib, torch.device("cpu"),
                         progress=False)
     rc = ReconstructConfig(start="gptq", clip="none", steps=0)
-    rb = quantize_model(model_b, arch, QuantConfig(method="bitsmith", reconstruct=rc, **common), calib,
+    rb = quantize_model(model_b, arch, QuantConfig(method="bitsmith", options=rc, **common), calib,
                         torch.device("cpu"), progress=False)
     assert ra.frozen.keys() == rb.frozen.keys()
     for name in ra.frozen:
@@ -118,7 +120,7 @@ def test_holdout_early_stop_and_best_by_holdout_loss():
     info = train_block(lambda h, kw: q(h), [group], x, targets, [{}] * 4, cfg)
     assert info["steps_run"] < 50
     assert min(info["eval_losses"]) == info["eval_losses"][info["best_step"]]
-    from bitsmith.algorithms.reconstruct import eval_loss
+    from bitsmith.algorithms.reconstruct.trainer import eval_loss
     assert eval_loss(lambda h, kw: q(h), x, targets, [{}] * 4, [3]) == pytest.approx(min(info["eval_losses"]))
 
 
@@ -162,7 +164,7 @@ def test_a_group_can_have_its_own_optimizer():
 
 
 def test_token_normalised_loss_divides_each_token_by_its_target_rms():
-    from bitsmith.algorithms.reconstruct import block_loss
+    from bitsmith.algorithms.reconstruct.trainer import block_loss
 
     g = torch.Generator().manual_seed(3)
     t, o = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g)
@@ -216,9 +218,9 @@ def test_every_group_folds_exactly(family):
 
 
 def test_recipe_configs_and_json_round_trip():
-    assert QuantConfig(method="autoround", weight=SPECS[0]).reconstruct == AUTOROUND
-    assert QuantConfig(method="bitsmith", weight=SPECS[0]).reconstruct == BITSMITH
-    c = QuantConfig(method="bitsmith", weight=SPECS[0], reconstruct=BITSMITH.replace(steps=50, holdout=2))
+    assert QuantConfig(method="autoround", weight=SPECS[0]).options == AUTOROUND
+    assert QuantConfig(method="bitsmith", weight=SPECS[0]).options == BITSMITH
+    c = QuantConfig(method="bitsmith", weight=SPECS[0], options=BITSMITH.replace(steps=50, holdout=2))
     assert QuantConfig.from_dict(c.to_dict()) == c
     with pytest.raises(ValueError, match="GPTQ start fixes the quantization grid"):
         ReconstructConfig(start="gptq", clip="linear")
@@ -226,8 +228,8 @@ def test_recipe_configs_and_json_round_trip():
         ReconstructConfig(epochs=2, steps=10)
     with pytest.raises(ValueError, match="held-out"):
         ReconstructConfig(holdout=2, best="step")
-    with pytest.raises(ValueError, match="applies to methods"):
-        QuantConfig(method="gptq", weight=SPECS[0], reconstruct=AUTOROUND)
+    with pytest.raises(ValueError, match="takes GPTQConfig options"):
+        QuantConfig(method="gptq", weight=SPECS[0], options=AUTOROUND)
     assert AUTOROUND.rates(32) == (1 / 200, 1 / 200)  # SignRound's lr rule
     assert (BITSMITH.optimizer, BITSMITH.let_optimizer, BITSMITH.loss) == ("adamw", "signsgd", "token_mse")
     assert BITSMITH.end_to_end().steps == 30 and AUTOROUND.end_to_end() is None
@@ -242,14 +244,14 @@ def test_autoround_recipe_lowers_block_error_below_rtn():
     common = dict(weight=QuantSpec(IntFormat(2), PerChannel()), nsamples=8, seqlen=16)
     rtn = quantize_model(model_a, arch, QuantConfig(method="rtn", **common), calib, torch.device("cpu"),
                          progress=False)
-    ar = quantize_model(model_b, arch, QuantConfig(method="autoround", reconstruct=AUTOROUND.replace(steps=16),
+    ar = quantize_model(model_b, arch, QuantConfig(method="autoround", options=AUTOROUND.replace(steps=16),
                                                    **common), calib, torch.device("cpu"), progress=False)
     assert ar.blocks[0]["output_mse"] < rtn.blocks[0]["output_mse"]
     assert ar.blocks[0]["loss_final"] <= ar.blocks[0]["loss_init"]
 
 
 def test_mse_clip_search_picks_the_lowest_error_factor_per_block():
-    from bitsmith.algorithms.groups import search_clip
+    from bitsmith.algorithms.reconstruct.learnable import search_clip
 
     w = torch.randn(6, 64, generator=torch.Generator().manual_seed(7))
     w[0, 0] = 12.0  # an outlier: row 0 gains from clipping
@@ -276,7 +278,7 @@ def test_block_report_losses_reuse_the_trainers_evaluations():
     for steps in (0, 6):
         model = tiny_model("llama", seed=8)
         rc = BITSMITH.replace(steps=steps, eval_every=3, e2e_steps=0)
-        res = quantize_model(model, get_architecture(model), QuantConfig(method="bitsmith", reconstruct=rc, **common),
+        res = quantize_model(model, get_architecture(model), QuantConfig(method="bitsmith", options=rc, **common),
                              calib, torch.device("cpu"), progress=False)
         stats[steps] = res.blocks[0]
     assert stats[6]["loss_init"] == pytest.approx(stats[0]["loss_init"], rel=1e-5)
@@ -295,7 +297,7 @@ def test_clip_pow2_false_leaves_power_of_two_scales_unclipped(constraint):
                      "noclip": BITSMITH.replace(steps=4, e2e_steps=0, clip="none"),
                      "clip": BITSMITH.replace(steps=4, e2e_steps=0, clip_pow2=True)}.items():
         model = tiny_model("llama", seed=10)
-        runs[name] = quantize_model(model, get_architecture(model), QuantConfig(method="bitsmith", reconstruct=rc,
+        runs[name] = quantize_model(model, get_architecture(model), QuantConfig(method="bitsmith", options=rc,
                                                                                 **common),
                                     calib, torch.device("cpu"), progress=False).frozen
     same = lambda a, b: all(torch.equal(runs[a][n].codes, runs[b][n].codes) and  # noqa: E731

@@ -166,9 +166,9 @@ def test_default_method_is_the_bitsmith_recipe_and_flags_override_it(tmp_path, a
     assert main(["quantize", aidreams, "--wbits", "3", "--calib", samples, "--nsamples", "4", "--seqlen", "64",
                  "--steps", "3", "--holdout", "1", "--e2e-steps", "4", "-o", str(out), "-q"]) == 0
     r = json.loads((out / "bitsmith.json").read_text())["recipe"]
-    assert r["method"] == "bitsmith" and r["reconstruct"]["rounding"] and r["reconstruct"]["optimizer"] == "adamw"
-    assert r["reconstruct"]["steps"] == 3 and r["reconstruct"]["holdout"] == 1 and r["reconstruct"]["best"] == "eval"
-    assert r["reconstruct"]["e2e_steps"] == 4 and r["reconstruct"]["loss"] == "token_mse"
+    assert r["method"] == "bitsmith" and r["options"]["rounding"] and r["options"]["optimizer"] == "adamw"
+    assert r["options"]["steps"] == 3 and r["options"]["holdout"] == 1 and r["options"]["best"] == "eval"
+    assert r["options"]["e2e_steps"] == 4 and r["options"]["loss"] == "token_mse"
     e2e = json.loads((out / "report.json").read_text())["end_to_end"]
     assert e2e["steps"] == 4 and e2e["kl_after"] <= e2e["kl_before"]
     assert main(["quantize", aidreams, "--method", "autoround", "--start", "gptq", "--calib", samples,
@@ -233,5 +233,5 @@ def test_default_recipe_learns_let_whenever_activations_are_quantized(flags, let
     from bitsmith.cli.main import build_parser, config_from_args
 
     config = config_from_args(build_parser().parse_args(["quantize", "MODEL", "-o", "OUT", *flags]))
-    assert config.method == "bitsmith" and config.reconstruct.let is let
+    assert config.method == "bitsmith" and config.options.let is let
     assert (config.act is not None) is let

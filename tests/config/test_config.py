@@ -15,7 +15,7 @@ W4G128 = QuantSpec(IntFormat(4), PerGroup(128))
 
 def test_round_trip_and_label(tmp_path):
     cfg = QuantConfig(method="gptq", weight=QuantSpec(E2M1, PerGroup(32), "m2"), act=QuantSpec(E4M3, PerToken()),
-                      gptq=GPTQConfig(actorder=True), nsamples=16, seqlen=128)
+                      options=GPTQConfig(actorder=True), nsamples=16, seqlen=128)
     assert QuantConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     path = tmp_path / "r.json"
     cfg.save(path)
@@ -32,6 +32,8 @@ def test_round_trip_and_label(tmp_path):
     ({"weight": W4G128.to_dict(), "version": 99}, "newer"),
     ({"weight": {"format": {"type": "int"}}}, "malformed"),
     ({"weight": W4G128.to_dict(), "gptq": {"damp": 1}}, "gptq"),
+    ({"weight": W4G128.to_dict(), "method": "gptq", "options": {"damp": 1}}, "options"),
+    ({"weight": W4G128.to_dict(), "method": "rtn", "options": {}}, "takes no options"),
     ({}, "nothing to quantize"),
     ({"weight": W4G128.to_dict(), "nsamples": 0}, "positive"),
     ({"weight": W4G128.to_dict(), "nsamples": 10, "batch_size": 4}, "multiple"),

@@ -17,7 +17,8 @@ from tiny_models import MOE_FAMILIES, random_ids, tiny_model
 from transformers import AutoModelForCausalLM
 
 from bitsmith.algorithms.rtn import rtn_quantize
-from bitsmith.config import LEARNED, QuantConfig
+from bitsmith.algorithms.default import BITSMITH
+from bitsmith.config import QuantConfig
 from bitsmith.export.hf import save_quantized
 from bitsmith.formats import IntFormat, PerGroup, QuantSpec
 from bitsmith.models import find_linears, fused_experts, get_architecture, get_blocks, split_experts
@@ -119,8 +120,8 @@ def _block_mse(family: str, method: str, **kw) -> float:
 def test_gptq_and_default_recipe_beat_rtn(family):
     rtn = _block_mse(family, "rtn")
     assert _block_mse(family, "gptq") < rtn
-    few = LEARNED["bitsmith"].replace(steps=40, eval_every=20, e2e_steps=5)  # end-to-end stage included
-    assert _block_mse(family, "bitsmith", reconstruct=few) < rtn
+    few = BITSMITH.replace(steps=40, eval_every=20, e2e_steps=5)  # end-to-end stage included
+    assert _block_mse(family, "bitsmith", options=few) < rtn
 
 
 @pytest.mark.parametrize("family", NEW)
@@ -192,7 +193,7 @@ def test_cli_awq_and_omniquant_w4a4_and_fp_eval(tmp_path, family, capsys):
 def test_gptq_collects_many_experts_hessians_in_passes(monkeypatch):
     """Hessians split into passes (a budget holding one layer's) give exactly the codes of one pass; the memory
     plan counts at most the budget's worth of Hessians."""
-    from bitsmith.algorithms import block as block_mod
+    from bitsmith.algorithms import gptq_block as block_mod
     from bitsmith.utils.memory import block_need
 
     assert block_mod.hessian_passes({"a": 32, "b": 32, "c": 64}, 2 * 4 * 32 * 32) == [["a", "b"], ["c"]]

@@ -24,8 +24,8 @@ from conftest import shared_path
 from safetensors.torch import load_file
 from tiny_models import tiny_model
 
-from bitsmith.algorithms import block as block_mod
-from bitsmith.algorithms.block import collect_hessians
+from bitsmith.algorithms import gptq_block as block_mod
+from bitsmith.algorithms.gptq_block import collect_hessians
 from bitsmith.cli.main import main
 from bitsmith.config import QuantConfig
 from bitsmith.formats import IntFormat, PerChannel, PerGroup, PerToken, QuantSpec
@@ -83,11 +83,11 @@ def _pipeline_configs() -> dict[str, QuantConfig]:
     return {
         "gptq": QuantConfig(method="gptq", weight=w, **common),
         "awq": QuantConfig.from_dict({**QuantConfig(method="awq", weight=w, **common).to_dict(),
-                                      "awq": {"grid": 5, "max_tokens": 24}}),  # 24 rows: rank 0 16, rank 1 8
+                                      "options": {"grid": 5, "max_tokens": 24}}),  # 24 rows: rank 0 16, rank 1 8
         "smoothquant": QuantConfig(method="smoothquant", weight=QuantSpec(IntFormat(8), PerChannel()), act=a8,
                                    **common),
         "let_init": QuantConfig.from_dict({**QuantConfig(method="omniquant", weight=w, act=a8, **common).to_dict(),
-                                           "omniquant": {"let": True, "epochs": 0}}),  # LET scales + shifts
+                                           "options": {"let": True, "epochs": 0}}),  # LET scales + shifts
     }
 
 

@@ -28,7 +28,8 @@ def _ids(split: str, n: int) -> torch.Tensor:
 
 def _ppl(method: str, weight: QuantSpec, act: QuantSpec | None = None, **omni) -> float:
     model, _ = load_model(shared_path("models", "aidreams260K"))
-    cfg = QuantConfig(method=method, weight=weight, act=act, omniquant=OmniQuantConfig(**omni), nsamples=16,
+    cfg = QuantConfig(method=method, weight=weight, act=act, options=OmniQuantConfig(**omni) if method == "omniquant" else None,
+                      nsamples=16,
                       seqlen=128)
     quantize_model(model, get_architecture(model), cfg, _ids("valid", 16), torch.device("cpu"), progress=False)
     test = _ids("test", 40)

@@ -112,7 +112,7 @@ def test_fp4_m2_weights_with_fp8_activations_under_every_method(method):
     ids = _ids(4)
     ref = _logits(model, ids)
     cfg = QuantConfig(method=method, weight=QuantSpec(E2M1, PerGroup(16), "m2"), act=QuantSpec(E4M3, PerToken()),
-                      omniquant=OmniQuantConfig(let=True, epochs=2), nsamples=4, seqlen=16)
+                      options=OmniQuantConfig(let=True, epochs=2) if method == "omniquant" else None, nsamples=4, seqlen=16)
     res = quantize_model(model, get_architecture(model), cfg, ids, CPU, progress=False)
     assert res.frozen
     for qt in res.frozen.values():

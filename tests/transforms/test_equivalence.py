@@ -9,7 +9,7 @@ from tiny_models import FAMILIES, tiny_model
 from torch.nn.utils import parametrize
 
 from bitsmith.models import get_architecture, get_blocks, split_experts
-from bitsmith.models.let import let_edges
+from bitsmith.models.edges import let_edges
 from bitsmith.transforms import fold_edges
 
 

@@ -16,10 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import ConfigError
 from ..nn import QuantLinear
-from ..transforms import Edge, fold_edges
+from ..transforms import Edge, collect_inputs, fold_edges
 from ..utils import dist
-from .block import rtn_block
+from .base import BlockJob, MemoryNeeds, Method, plain_outputs, register
+from .rtn import rtn_block
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,7 @@ class AWQConfig:
 
     def __post_init__(self) -> None:
         if self.grid < 1 or self.max_tokens < 1:
-            raise ValueError(f"AWQ grid and max_tokens must be ≥ 1, got {self.grid} and {self.max_tokens}")
+            raise ConfigError(f"AWQ grid and max_tokens must be ≥ 1, got {self.grid} and {self.max_tokens}")
 
 
 def _consumer_error(x: torch.Tensor, s: torch.Tensor, edge: Edge) -> float:
@@ -91,3 +93,22 @@ def awq_block(qlinears: dict[str, QuantLinear], edges: list[Edge], edge_inputs: 
         alphas[e.name] = alpha
     fold_edges([e for e in edges if e.name in alphas])
     return {"layers": rtn_block(qlinears), "awq_alpha": alphas}
+
+
+def run_awq(job: BlockJob, cfg: AWQConfig) -> tuple[dict, list[torch.Tensor]]:
+    """The AWQ block driver: each edge's consumers' inputs collected during the full-precision pass (this rank's
+    share of ``max_tokens`` rows), the scales searched and folded, then RTN; weights left alone when they are
+    not quantized."""
+    if not job.weight:
+        return {"layers": {}}, plain_outputs(job)
+    edges, consumers = job.edges(shift=False, qk=False, up_down=True)
+    h = job.hidden[0]
+    rows = dist.local_row_budget(cfg.max_tokens, h.shape[1], len(job.hidden) * h.shape[0])
+    with collect_inputs(consumers, rows) as edge_inputs:
+        fp_out = plain_outputs(job)
+    return awq_block(job.qlinears, edges, edge_inputs, cfg), fp_out
+
+
+AWQ = register(Method("awq", run_awq, options=AWQConfig, default=lambda act: AWQConfig(),
+                      needs=lambda cfg: MemoryNeeds(collected_tokens=cfg.max_tokens), v1_key="awq",
+                      summary="AWQ (activation-aware scales, then RTN)"))

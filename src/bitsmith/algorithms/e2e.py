@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..utils import dist
 from ..utils.device import autocast
 
@@ -56,11 +57,11 @@ class EndToEndConfig:
         for name in ("steps", "holdout", "eval_every"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"end-to-end {name} must be a non-negative integer, got {v!r}")
+                raise ConfigError(f"end-to-end {name} must be a non-negative integer, got {v!r}")
         if not self.lr > 0:
-            raise ValueError(f"end-to-end learning rate must be positive, got {self.lr}")
+            raise ConfigError(f"end-to-end learning rate must be positive, got {self.lr}")
         if not isinstance(self.batch, int) or self.batch < 1:
-            raise ValueError(f"end-to-end batch must be a positive integer, got {self.batch!r}")
+            raise ConfigError(f"end-to-end batch must be a positive integer, got {self.batch!r}")
 
 
 def kl_loss(student_logits: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
@@ -93,7 +94,7 @@ def tune_end_to_end(student: StudentLogits, teacher: TeacherLogProbs, params: li
     """
     n = ids.shape[0]
     if cfg.holdout >= n:
-        raise ValueError(f"end-to-end holdout ({cfg.holdout}) leaves no calibration sequences to train on ({n})")
+        raise ConfigError(f"end-to-end holdout ({cfg.holdout}) leaves no calibration sequences to train on ({n})")
     n_train = n - cfg.holdout
     judge = list(range(n_train, n)) if cfg.holdout else list(range(n))
     info = {"kl_before": math.nan, "kl_after": math.nan, "steps": 0, "best_step": 0,

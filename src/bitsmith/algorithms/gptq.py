@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import ConfigError, NumericsError
 from ..formats import PerChannel, PerGroup, PerTensor, QuantizedTensor, QuantSpec
 
 log = logging.getLogger(__name__)
@@ -41,11 +42,11 @@ class GPTQConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.percdamp < 10.0:
-            raise ValueError(f"GPTQ dampening must be in (0, 10), got {self.percdamp}; the usual value is 0.01")
+            raise ConfigError(f"GPTQ dampening must be in (0, 10), got {self.percdamp}; the usual value is 0.01")
         if not isinstance(self.hessian_mb, int) or self.hessian_mb < 1:
-            raise ValueError(f"GPTQ hessian_mb must be a positive integer (MiB), got {self.hessian_mb!r}")
+            raise ConfigError(f"GPTQ hessian_mb must be a positive integer (MiB), got {self.hessian_mb!r}")
         if self.blocksize < 1:
-            raise ValueError(f"GPTQ block size must be ≥ 1, got {self.blocksize}; the usual value is 128")
+            raise ConfigError(f"GPTQ block size must be ≥ 1, got {self.blocksize}; the usual value is 128")
 
 
 def accumulate_hessian(h: torch.Tensor | None, n: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -73,7 +74,7 @@ def _inverse_cholesky(h: torch.Tensor, percdamp: float) -> torch.Tensor:
                 return upper
         log.warning("GPTQ: Hessian not positive definite with dampening %.3g; retrying ×10", float(damp))
         damp = damp * 10 if damp > 0 else torch.tensor(1e-6, device=h.device)
-    raise ValueError("GPTQ: the Hessian stayed singular after dampening ×1e5; check the calibration inputs for NaN")
+    raise NumericsError("GPTQ: the Hessian stayed singular after dampening ×1e5; check the calibration inputs for NaN")
 
 
 class _Grid:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..formats import IntFormat, PerChannel, QuantizedTensor, QuantSpec
 from ..formats.packing import storage_bits
 from ..nn import QuantLinear, quant_linears
@@ -117,7 +118,7 @@ def check_rank(rank: int, out_features: int, in_features: int, name: str = "a la
     """Reject a rank above ``min(out, in)`` (the rank of the error matrix cannot exceed it)."""
     limit = min(out_features, in_features)
     if rank > limit:
-        raise ValueError(
+        raise ConfigError(
             f"LoRC rank {rank} is larger than min(out, in) = {limit} of {name} ({out_features}×{in_features}); "
             f"use --lorc-rank ≤ {limit}"
         )

@@ -14,13 +14,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .. import __version__
+from ..errors import BitsmithError, UsageError
 from . import scale
 
 log = logging.getLogger("bitsmith.cli")
-
-
-class UsageError(ValueError):
-    """A bad command line."""
 
 
 # ---- argument parsing ----------------------------------------------------------------------------------
@@ -34,6 +31,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..algorithms import method_names
+
     parser = argparse.ArgumentParser(prog="bitsmith", description="Post-training quantization of LLMs.")
     parser.add_argument("--version", action="version", version=f"bitsmith {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -42,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="local model folder (config.json + safetensors)")
     q.add_argument("--output", "-o", required=True, help="output folder (refused if it exists, see --overwrite)")
     q.add_argument("--recipe", default=None, help="JSON recipe file; explicit flags override its values")
-    q.add_argument("--method", choices=["bitsmith", "rtn", "gptq", "omniquant", "autoround", "smoothquant", "awq"],
-                   default=None, help="weight algorithm (default: bitsmith, the default learned recipe)")
+    q.add_argument("--method", choices=method_names(), default=None,
+                   help="weight algorithm (default: bitsmith, the default learned recipe)")
     q.add_argument("--wbits", type=int, default=None, help="weight bits (16 = leave weights; default 4)")
     q.add_argument("--abits", type=int, default=None, help="activation bits (default 16 = not quantized)")
     q.add_argument("--group-size", type=int, default=None, help="weight group size (default: per channel)")
@@ -160,32 +159,62 @@ def _spec_from_flags(bits: int | None, fmt_name: str, group: int | None, sym: bo
     return QuantSpec(fmt, gran, "none" if activation else constraint)
 
 
-def _reconstruct_flags(args: argparse.Namespace, base: dict[str, Any]) -> None:
-    """Method default (bitsmith) and the block-reconstruction flags, applied to the method's recipe."""
+GPTQ_FLAGS = ("percdamp", "actorder", "static_groups")
+OMNI_FLAGS = (("lwc", "lwc"), ("let", "let"), ("epochs", "epochs"), ("lwc_lr", "lwc_lr"), ("let_lr", "let_lr"),
+              ("wd", "weight_decay"), ("aug_loss", "aug_loss"), ("alpha", "alpha"), ("keep_best", "keep_best"))
+RECON_FLAGS = ("steps", "lr", "start", "holdout", "patience", "e2e_steps", "e2e_lr")
+
+
+def _method_options(args: argparse.Namespace, base: dict[str, Any]) -> None:
+    """The chosen method's options: the recipe's (when the recipe is for this method) or the library's default
+    for this setting, with the method's flags applied."""
     import dataclasses
 
-    from ..config import DEFAULT_METHOD, LEARNED
+    from ..algorithms import DEFAULT_METHOD, get_method
 
-    method = base.setdefault("method", DEFAULT_METHOD)
-    if method not in LEARNED:
-        base.pop("reconstruct", None)
+    recipe_method = base.get("method")
+    method = args.method or recipe_method or DEFAULT_METHOD
+    base["method"] = method
+    m = get_method(method)
+    given = base.get("options") if method == recipe_method else None
+    if m.options is None:
+        base["options"] = None
         return
-    from_recipe = bool(base.get("reconstruct"))
-    rec = dict(base.get("reconstruct") or dataclasses.asdict(LEARNED[method]))
+    opts = dict(given or dataclasses.asdict(m.default(_quantizes_activations(args))))
+    if m.v1_key == "gptq":
+        _apply(opts, args, [(f, f) for f in GPTQ_FLAGS])
+    elif m.v1_key == "omniquant":
+        _apply(opts, args, OMNI_FLAGS)
+    elif m.v1_key == "smoothquant":
+        _apply(opts, args, [("alpha", "alpha")])
+    elif m.v1_key == "reconstruct":
+        _reconstruct_flags(args, opts)
+    base["options"] = opts
+
+
+def _apply(opts: dict[str, Any], args: argparse.Namespace, pairs) -> None:
+    for flag, key in pairs:
+        if getattr(args, flag) is not None:
+            opts[key] = getattr(args, flag)
+
+
+def _reconstruct_flags(args: argparse.Namespace, rec: dict[str, Any]) -> None:
+    """The block-reconstruction flags applied to a learned method's options (``rec``, a dict)."""
+    if args.start == "gptq" and args.let is None:
+        rec["let"] = False  # a GPTQ start fixes the grid (no LET)
     if args.let is not None:
         rec["let"] = args.let
-    elif method == "bitsmith" and not from_recipe and _quantizes_activations(args) and rec.get("start") != "gptq":
-        rec["let"] = True  # weight-activation: the default learns OmniQuant's LET too (recorded in the recipe)
     if args.epochs is not None:
         rec.update(epochs=args.epochs, steps=0)
-    for flag in ("steps", "lr", "start", "holdout", "patience", "e2e_steps", "e2e_lr"):
+    for flag in RECON_FLAGS:
         if getattr(args, flag) is not None:
             rec[flag] = getattr(args, flag)
             if flag == "steps":
                 rec["epochs"] = 0
     if rec.get("holdout"):
         rec["best"] = "eval"
-    base["reconstruct"] = rec
+    rec["gptq"] = dict(rec.get("gptq") or {})
+    _apply(rec["gptq"], args, [(f, f) for f in GPTQ_FLAGS])
 
 
 def _quantizes_activations(args: argparse.Namespace) -> bool:
@@ -201,14 +230,9 @@ def config_from_args(args: argparse.Namespace):
     from ..config import QuantConfig
 
     base: dict[str, Any] = QuantConfig.load(args.recipe).to_dict() if args.recipe else {}
-    for key in ("method", "calib", "nsamples", "seqlen", "seed", "calib_order", "batch_size"):
+    for key in ("calib", "nsamples", "seqlen", "seed", "calib_order", "batch_size"):
         if getattr(args, key) is not None:
             base[key] = getattr(args, key)
-    gptq = dict(base.get("gptq", {}))
-    for key in ("percdamp", "actorder", "static_groups"):
-        if getattr(args, key) is not None:
-            gptq[key] = getattr(args, key)
-    base["gptq"] = gptq
     if args.min_expert_tokens is not None:
         base["min_expert_tokens"] = args.min_expert_tokens
     if args.gguf_mix is not None:
@@ -219,16 +243,7 @@ def config_from_args(args: argparse.Namespace):
             base["lorc_bits"] = None
     if args.lorc_bits is not None:
         base["lorc_bits"] = None if args.lorc_bits == 16 else args.lorc_bits
-    _reconstruct_flags(args, base)
-    omni = dict(base.get("omniquant", {}))
-    for flag, key in (("lwc", "lwc"), ("let", "let"), ("epochs", "epochs"), ("lwc_lr", "lwc_lr"),
-                      ("let_lr", "let_lr"), ("wd", "weight_decay"), ("aug_loss", "aug_loss"), ("alpha", "alpha"),
-                      ("keep_best", "keep_best")):
-        if getattr(args, flag) is not None:
-            omni[key] = getattr(args, flag)
-    base["omniquant"] = omni
-    if args.alpha is not None:
-        base["smoothquant"] = {**base.get("smoothquant", {}), "alpha": args.alpha}
+    _method_options(args, base)
     weight_flags = (args.wbits, args.wformat, args.group_size, args.sym, args.scale_constraint)
     if not args.recipe or any(v is not None for v in weight_flags):
         wfmt = args.wformat or "int"
@@ -531,7 +546,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         return {"quantize": cmd_quantize, "eval": cmd_eval, "compare": cmd_compare,
                 "export": cmd_export}[args.command](args)
-    except (ValueError, FileNotFoundError) as e:  # user errors: one line, exit 2
+    except BitsmithError as e:  # bitsmith's own errors: one line, exit 2; anything else is a bug (traceback)
         if args.verbose:
             log.exception("failed")
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..errors import ResourceError
+
 if TYPE_CHECKING:
     import torch
 
@@ -42,7 +44,7 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
 
 def parse_size(text: str, flag: str) -> int:
     """``"20GiB"``, ``"512MB"``, ``"1.5GiB"``, ``"1000000"`` → bytes (KB/MB/GB decimal, KiB/MiB/GiB binary)."""
-    from .main import UsageError
+    from ..errors import UsageError
 
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
     unit = m.group(2).lower() if m else ""
@@ -65,7 +67,7 @@ class MemoryLimits:
 def parse_max_memory(text: str | None, accelerator: bool) -> MemoryLimits:
     """``SIZE`` (the compute device; host RAM on the CPU) or ``cpu=SIZE,device=SIZE`` (``0=SIZE`` as in
     accelerate means the device) → :class:`MemoryLimits`."""
-    from .main import UsageError
+    from ..errors import UsageError
 
     if not text:
         return MemoryLimits()
@@ -150,13 +152,20 @@ class ScaleRun:
         """Fail now if one block cannot fit the limit; decide where the calibration activations live (logged)."""
         import torch
 
+        from ..algorithms import get_method
         from ..models import find_linears, geometry, get_blocks
         from ..utils import dist
-        from ..utils.memory import accelerator_memory, activation_set_bytes, activation_sets, block_need, format_bytes
+        from ..utils.memory import (
+            accelerator_memory,
+            activation_set_bytes,
+            activation_sets,
+            block_need,
+            format_bytes,
+        )
 
         geom = geometry(model.config, arch)
         elem = torch.empty((), dtype=next(model.parameters()).dtype).element_size()
-        rc = config.learned() if hasattr(config, "learned") else None  # trained: steps stack ``rc.batch`` batches
+        needs = get_method(config.method).needs(config.options)  # the method says what it keeps alive
         gran = getattr(config.weight, "granularity", None) if config.weight is not None else None
         worst: tuple[int, dict[str, int]] = (-1, {})
         for i, block in enumerate(get_blocks(model, arch)):
@@ -165,17 +174,15 @@ class ScaleRun:
             parts = block_need(
                 weight_bytes=sum(p.numel() * elem for p in block.parameters()), linears=linears,
                 hidden=geom.hidden, intermediate=max([o for o, _ in linears] + [geom.hidden]), heads=geom.heads,
-                batch=config.batch_size * int(getattr(rc, "batch", 1)), seqlen=config.seqlen, elem=elem,
-                gptq=config.method == "gptq" or getattr(rc, "start", None) == "gptq", trained=rc is not None,
-                rounding=bool(getattr(rc, "rounding", False)), group_size=getattr(gran, "group_size", None),
-                collected_tokens=config.awq.max_tokens if config.method == "awq" else 0,
-                hessian_budget=config.gptq.hessian_mb * 2**20)
+                batch=config.batch_size * needs.batch, seqlen=config.seqlen, elem=elem, gptq=needs.gptq,
+                trained=needs.trained, rounding=needs.rounding, group_size=getattr(gran, "group_size", None),
+                collected_tokens=needs.collected_tokens, hessian_budget=needs.hessian_budget)
             if sum(parts.values()) > sum(worst[1].values()):
                 worst = (i, parts)
         index, parts = worst
         need = sum(parts.values())
         ranks = max(1, dist.env_world_size())  # torchrun: each rank holds its share of the samples
-        acts = activation_sets(rc is not None, bool(getattr(rc, "aug_loss", False))) * activation_set_bytes(
+        acts = activation_sets(needs.trained, needs.aug_loss) * activation_set_bytes(
             -(-config.nsamples // ranks), config.seqlen, geom.hidden, elem)
         resident_host = 0 if self.source is not None else sum(p.numel() * elem for p in model.parameters())
         if self.accelerator:
@@ -194,7 +201,7 @@ class ScaleRun:
             fix = ("raise --max-memory, use a device with more memory, or lower --batch-size/--seqlen"
                    if self.source is not None or self.accelerator else
                    "pass --stream (the whole model is loaded now), raise --max-memory, or lower --batch-size/--seqlen")
-            raise ValueError(f"block {index} needs ~{format_bytes(need)} ({detail}) but the {where} limit is "
+            raise ResourceError(f"block {index} needs ~{format_bytes(need)} ({detail}) but the {where} limit is "
                              f"{format_bytes(max(limit, 0))}; {fix}")
         self.placement = self._place(need, acts, limit, host_left)
         self.plan["activations"] = self.placement
@@ -212,7 +219,7 @@ class ScaleRun:
             return "host"
         if self.args.offload_dir:
             return "disk"
-        raise ValueError(f"calibration activations need ~{format_bytes(acts)} beside the block's "
+        raise ResourceError(f"calibration activations need ~{format_bytes(acts)} beside the block's "
                          f"~{format_bytes(need)}, more than the {format_bytes(max(limit, 0))} limit"
                          + ("" if not self.accelerator else " and the host memory left")
                          + "; pass --offload-dir DIR, lower --nsamples/--seqlen, or raise --max-memory")

@@ -1,7 +1,8 @@
-"""The one exception type for mistakes a user can make with data (missing file, bad line, no tokenizer, ...)."""
+"""The exception type for mistakes a user can make with data (missing file, bad line, no tokenizer, ...):
+:class:`bitsmith.errors.DataError`, re-exported here for the data layer."""
 
 from __future__ import annotations
 
+from ..errors import DataError
 
-class DataError(ValueError):
-    """Data cannot be found or read; the message says what is wrong and how to fix it, in one line."""
+__all__ = ["DataError"]

@@ -19,6 +19,8 @@ from typing import Any, Sequence
 
 import torch
 
+from ..errors import ConfigError, DataError
+
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = 'pip install -e ".[lmeval]" (or pip install "lm_eval[hf]>=0.4")'
@@ -33,7 +35,7 @@ def require_lm_eval() -> tuple[Any, Any, Any]:
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError as e:
-        raise ValueError(f"task evaluation needs lm-evaluation-harness ({e.name or e} is missing); {INSTALL_HINT}") \
+        raise ConfigError(f"task evaluation needs lm-evaluation-harness ({e.name or e} is missing); {INSTALL_HINT}") \
             from None
     return lm_eval, HFLM, TaskManager
 
@@ -45,7 +47,7 @@ def _task_manager(TaskManager, names: Sequence[str], tasks_dir: str | Path | Non
         return TaskManager()
     folder = Path(tasks_dir)
     if not folder.is_dir():
-        raise ValueError(f"tasks folder {folder} does not exist; pass a folder holding lm-eval task YAML files")
+        raise DataError(f"tasks folder {folder} does not exist; pass a folder holding lm-eval task YAML files")
     local = TaskManager(include_path=str(folder), include_defaults=False)
     if all(n in local.all_tasks for n in names):
         return local
@@ -61,11 +63,11 @@ def _load_tasks(manager, names: Sequence[str]) -> list[Any]:
         try:
             loaded = manager.load([name])
         except KeyError:
-            raise ValueError(f"unknown lm-eval task {name!r}; check the name (lm-eval ls tasks) or pass --tasks-dir "
+            raise ConfigError(f"unknown lm-eval task {name!r}; check the name (lm-eval ls tasks) or pass --tasks-dir "
                              "DIR holding its YAML") from None
         except (OSError, DatasetsError) as e:  # offline hub, missing local files, broken data
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"lm-eval task {name!r}: data not available ({reason}); {DATA_HINT}") from None
+            raise DataError(f"lm-eval task {name!r}: data not available ({reason}); {DATA_HINT}") from None
         groups = loaded.get("groups") or {}
         children = {c for kids in (loaded.get("group_map") or {}).values() for c in kids}
         tops = [g for n, g in groups.items() if n not in children]
@@ -99,15 +101,15 @@ def evaluate_tasks(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str],
     ``ValueError`` when lm-eval is missing, the model has no tokenizer, a task is unknown or its data unavailable.
     """
     if not tasks:
-        raise ValueError("--tasks needs at least one lm-eval task name")
+        raise ConfigError("--tasks needs at least one lm-eval task name")
     if tokenizer is None:
-        raise ValueError("lm-eval tasks are text: the model folder has no tokenizer; add one (tokenizer.json) or "
+        raise ConfigError("lm-eval tasks are text: the model folder has no tokenizer; add one (tokenizer.json) or "
                          "evaluate perplexity on pre-tokenized .jsonl data instead")
     for key, value in (("num_fewshot", num_fewshot), ("limit", limit)):
         if value is not None and (isinstance(value, bool) or value < (0 if key == "num_fewshot" else 1)):
-            raise ValueError(f"{key} must be {'≥ 0' if key == 'num_fewshot' else '≥ 1'}, got {value}")
+            raise ConfigError(f"{key} must be {'≥ 0' if key == 'num_fewshot' else '≥ 1'}, got {value}")
     if isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     lm_eval, HFLM, TaskManager = require_lm_eval()
     manager = _task_manager(TaskManager, tasks, tasks_dir)
     objects = _load_tasks(manager, tasks)

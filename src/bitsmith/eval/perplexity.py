@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..errors import ConfigError
 from ..utils.device import resolve_device
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def _check_windows(windows: torch.Tensor, batch_size: int) -> tuple[int, int]:
     if windows.dtype not in (torch.long, torch.int32, torch.int64):
         raise ValueError(f"windows must hold integer token ids, got dtype {windows.dtype}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     return int(windows.shape[0]), int(windows.shape[1])
 
 

@@ -17,6 +17,8 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from ..errors import ConfigError, DataError
+
 log = logging.getLogger(__name__)
 
 REPORT_JSON = "report.json"
@@ -173,13 +175,13 @@ def load_run(folder: str | Path) -> dict[str, Any]:
             try:
                 body = json.loads(p.read_text(encoding="utf-8"))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{p} is corrupt ({e}); re-run bitsmith quantize to recreate it") from None
+                raise DataError(f"{p} is corrupt ({e}); re-run bitsmith quantize to recreate it") from None
             body.setdefault("peak_memory_mb", peak_memory_mb(body.get("blocks", [])))
             body["run"] = str(folder)
             return body
     if not folder.is_dir():
-        raise ValueError(f"run folder {folder} does not exist")
-    raise ValueError(f"{folder} has no {REPORT_JSON} or bitsmith.json; pass folders written by bitsmith quantize")
+        raise DataError(f"run folder {folder} does not exist")
+    raise DataError(f"{folder} has no {REPORT_JSON} or bitsmith.json; pass folders written by bitsmith quantize")
 
 
 def _pick_dataset(runs: list[dict], dataset: str | None) -> str | None:
@@ -189,7 +191,7 @@ def _pick_dataset(runs: list[dict], dataset: str | None) -> str | None:
     for n in names:
         if n == dataset or Path(n).name == dataset or Path(n).stem == dataset:
             return n
-    raise ValueError(f"no run has a perplexity for dataset {dataset!r}; datasets: {sorted(set(names)) or 'none'}")
+    raise DataError(f"no run has a perplexity for dataset {dataset!r}; datasets: {sorted(set(names)) or 'none'}")
 
 
 def compare_table(runs: list[dict]) -> str:
@@ -240,7 +242,7 @@ def compare(folders: Sequence[str | Path], output: str | Path | None = None, dat
     if output is not None:
         plt = _pyplot()
         if plt is None:
-            raise ValueError("--output needs matplotlib: pip install \"bitsmith[report]\"")
+            raise ConfigError("--output needs matplotlib: pip install \"bitsmith[report]\"")
         if chosen is None:
             log.warning("no run has a perplexity; not writing %s (quantize with --ppl)", output)
         else:

@@ -40,7 +40,17 @@ from pathlib import Path
 
 import torch
 
-from ..formats import E4M3, FPFormat, IntFormat, PerChannel, PerGroup, PerTensor, QuantSpec, spec_from_dict
+from ..errors import ExportError
+from ..formats import (
+    E4M3,
+    FPFormat,
+    IntFormat,
+    PerChannel,
+    PerGroup,
+    PerTensor,
+    QuantSpec,
+    spec_from_dict,
+)
 from ..models import get_architecture
 
 log = logging.getLogger(__name__)
@@ -52,7 +62,7 @@ def _require_library():
     try:
         import compressed_tensors  # noqa: F401
     except ImportError:
-        raise ValueError(f"the compressed-tensors export needs the compressed-tensors package; {INSTALL_HINT}") \
+        raise ExportError(f"the compressed-tensors export needs the compressed-tensors package; {INSTALL_HINT}") \
             from None
 
 
@@ -60,24 +70,28 @@ def check_exportable(name: str, spec: QuantSpec, in_features: int, has_lorc: boo
     """Raise a one-line ValueError when compressed-tensors cannot represent layer ``name``'s quantization."""
     fmt, gran = spec.format, spec.granularity
     if has_lorc:
-        raise ValueError(f"layer {name} has LoRC factors, which compressed-tensors cannot store; "
+        raise ExportError(f"layer {name} has LoRC factors, which compressed-tensors cannot store; "
                          "quantize without --lorc-rank to export it")
     if isinstance(fmt, FPFormat) and fmt != E4M3:
-        raise ValueError(f"layer {name} uses {fmt.name}, which compressed-tensors stores only in the NVFP4/MXFP "
+        raise ExportError(f"layer {name} uses {fmt.name}, which compressed-tensors stores only in the NVFP4/MXFP "
                          "block layouts that bitsmith's scales do not follow; export INT2-8 or FP8 (e4m3) weights")
     if not isinstance(fmt, (IntFormat, FPFormat)):
-        raise ValueError(f"layer {name} uses format {fmt!r}, which has no compressed-tensors equivalent")
+        raise ExportError(f"layer {name} uses format {fmt!r}, which has no compressed-tensors equivalent")
     if isinstance(gran, PerGroup) and in_features % gran.group_size:
-        raise ValueError(f"layer {name} has {in_features} input features, not a multiple of group size "
+        raise ExportError(f"layer {name} has {in_features} input features, not a multiple of group size "
                          f"{gran.group_size} (ragged last group), which compressed-tensors cannot store; "
                          f"re-quantize with a --group-size dividing {in_features}, or per channel")
     if not isinstance(gran, (PerChannel, PerGroup, PerTensor)):
-        raise ValueError(f"layer {name} uses {gran.kind} granularity; export needs tensor, channel or group")
+        raise ExportError(f"layer {name} uses {gran.kind} granularity; export needs tensor, channel or group")
 
 
 def quantization_args(spec: QuantSpec):
     """The compressed-tensors ``QuantizationArgs`` equivalent to a bitsmith weight spec."""
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationStrategy, QuantizationType
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationStrategy,
+        QuantizationType,
+    )
 
     gran = spec.granularity
     kw: dict = {}
@@ -118,12 +132,12 @@ def activation_scheme(weight: QuantSpec, act: QuantSpec) -> str:
     int8_act = isinstance(af, IntFormat) and af.bits == 8
     fp8_act = af == E4M3
     if not (int8_act or fp8_act):
-        raise ValueError(f"activations in {af.name} have no engine kernel (vLLM runs 8-bit activations only: INT8 "
+        raise ExportError(f"activations in {af.name} have no engine kernel (vLLM runs 8-bit activations only: INT8 "
                          "or FP8 E4M3 per token); nearest deployable: W8A8 (--wbits 8 --sym --abits 8) or "
                          "FP8_DYNAMIC (--wformat fp8 --aformat fp8)")
     sym_int = isinstance(wf, IntFormat) and wf.symmetric
     if isinstance(wf, IntFormat) and not wf.symmetric:
-        raise ValueError(f"weight-activation kernels need symmetric weights, these are asymmetric {wf.name}; "
+        raise ExportError(f"weight-activation kernels need symmetric weights, these are asymmetric {wf.name}; "
                          "re-quantize with --sym")
     if sym_int and wf.bits == 8 and int8_act and isinstance(wg, PerChannel):
         return "W8A8"
@@ -140,13 +154,17 @@ def activation_scheme(weight: QuantSpec, act: QuantSpec) -> str:
                 "(--wbits 4 --sym --group-size 128 --aformat fp8)")
     else:
         hint = "nearest deployable: " + "; ".join(DEPLOYABLE)
-    raise ValueError(f"weights {wf.name} ({wg.kind}) × activations {af.name} is not a scheme an engine runs; {hint}")
+    raise ExportError(f"weights {wf.name} ({wg.kind}) × activations {af.name} is not a scheme an engine runs; {hint}")
 
 
 def input_activation_args(act: QuantSpec):
     """``QuantizationArgs`` of bitsmith's dynamic per-token activation quantization (INT8, asymmetric as bitsmith
     computes it, or FP8 E4M3)."""
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationStrategy, QuantizationType
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationStrategy,
+        QuantizationType,
+    )
 
     fmt = act.format
     kind = QuantizationType.FLOAT if isinstance(fmt, FPFormat) else QuantizationType.INT
@@ -170,7 +188,7 @@ def _plan(source, strict: bool):
             continue
         groups.setdefault(repr(entry["spec"]), (spec, []))[1].append(name)
     if not groups:
-        raise ValueError(f"no layer of {source.folder} can be stored by compressed-tensors "
+        raise ExportError(f"no layer of {source.folder} can be stored by compressed-tensors "
                          f"({next(iter(dense.values()))})")
     if dense:
         log.warning("compressed-tensors export: %d of %d quantized layers left dense (exact dequantized weights; "
@@ -183,14 +201,14 @@ def _act_spec(src, recipe: dict) -> tuple[QuantSpec | None, str | None]:
     """The recipe's activation spec and its deployable scheme name (``(None, None)`` weight-only); KV-cache
     quantization and undeployable pairs are refused."""
     if recipe.get("kv"):
-        raise ValueError(f"{src} quantizes the KV cache with bitsmith's dynamic per-token scales; vLLM's quantized "
+        raise ExportError(f"{src} quantizes the KV cache with bitsmith's dynamic per-token scales; vLLM's quantized "
                          "KV cache uses static per-tensor scales, which this export cannot derive: re-quantize "
                          "without --kvbits/--kvformat and serve with vLLM's --kv-cache-dtype fp8")
     if not recipe.get("act"):
         return None, None
     act = spec_from_dict(recipe["act"])
     if recipe.get("weight") is None:
-        raise ValueError(f"{src} quantizes activations but not weights; no engine runs that, quantize weights too")
+        raise ExportError(f"{src} quantizes activations but not weights; no engine runs that, quantize weights too")
     return act, activation_scheme(spec_from_dict(recipe["weight"]), act)
 
 
@@ -202,8 +220,14 @@ def export_compressed_tensors(src: str | Path, dest: str | Path, overwrite: bool
     with quantized activations always an error, since a dense layer would not quantize its input)."""
     _require_library()
     from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, QuantizationStatus
-    from compressed_tensors.quantization.lifecycle.apply import apply_quantization_config
+    from compressed_tensors.quantization import (
+        QuantizationConfig,
+        QuantizationScheme,
+        QuantizationStatus,
+    )
+    from compressed_tensors.quantization.lifecycle.apply import (
+        apply_quantization_config,
+    )
 
     from ..models import load_model
     from .hf import atomic_folder, check_output_dir
@@ -214,7 +238,7 @@ def export_compressed_tensors(src: str | Path, dest: str | Path, overwrite: bool
     model, tokenizer = load_model(src)
     source = open_source(src, model)
     if not source.layers:
-        raise ValueError(f"{src} has no quantized layers; quantize weights (--wbits < 16) before exporting")
+        raise ExportError(f"{src} has no quantized layers; quantize weights (--wbits < 16) before exporting")
     groups, dense = _plan(source, strict or act is not None)
     inputs = None if act is None else input_activation_args(act)
     schemes = {f"group_{i}": QuantizationScheme(targets=names, weights=quantization_args(spec),

@@ -80,8 +80,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..formats import (FPFormat, IntFormat, KQuantFormat, PerChannel, PerGroup, PerTensor, QuantizedTensor, QuantSpec,
-                       spec_from_dict)
+from ..errors import ExportError
+from ..formats import (
+    FPFormat,
+    IntFormat,
+    KQuantFormat,
+    PerChannel,
+    PerGroup,
+    PerTensor,
+    QuantizedTensor,
+    QuantSpec,
+    spec_from_dict,
+)
 from .gguf_kquant import encode_kquant
 
 log = logging.getLogger(__name__)
@@ -96,7 +106,7 @@ def _require_library():
     try:
         import gguf  # noqa: F401
     except ImportError:
-        raise ValueError(f"the GGUF export needs the gguf package; {INSTALL_HINT}") from None
+        raise ExportError(f"the GGUF export needs the gguf package; {INSTALL_HINT}") from None
 
 
 # ---- which block type ---------------------------------------------------------------------------------------
@@ -112,22 +122,22 @@ def gguf_type_for(name: str, spec: QuantSpec, in_features: int, has_lorc: bool):
 
     fmt, gran = spec.format, spec.granularity
     if has_lorc:
-        raise ValueError(f"layer {name} has LoRC factors, which no GGUF block type stores; "
+        raise ExportError(f"layer {name} has LoRC factors, which no GGUF block type stores; "
                          "quantize without --lorc-rank to export it")
     if isinstance(fmt, KQuantFormat):
         if in_features % 256:  # the quantizer falls back for such rows, so a folder never holds this
-            raise ValueError(f"layer {name} has {in_features} input features, not a multiple of 256: no {fmt.kind}")
+            raise ExportError(f"layer {name} has {in_features} input features, not a multiple of 256: no {fmt.kind}")
         return getattr(T, fmt.kind.upper())
     if isinstance(fmt, FPFormat) or not isinstance(fmt, IntFormat):
-        raise ValueError(f"layer {name} uses {fmt.name}, which has no GGUF block type (GGUF's Q-types are integer "
+        raise ExportError(f"layer {name} uses {fmt.name}, which has no GGUF block type (GGUF's Q-types are integer "
                          "grids); export INT2-8 weights, e.g. --wbits 4 --sym --group-size 32")
     if not isinstance(gran, (PerGroup, PerChannel, PerTensor)):
-        raise ValueError(f"layer {name} uses {gran.kind} granularity; GGUF export needs group, channel or tensor")
+        raise ExportError(f"layer {name} uses {gran.kind} granularity; GGUF export needs group, channel or tensor")
     if in_features % BLOCK:
-        raise ValueError(f"layer {name} has {in_features} input features, not a multiple of GGUF's block size "
+        raise ExportError(f"layer {name} has {in_features} input features, not a multiple of GGUF's block size "
                          f"{BLOCK}, so llama.cpp can store it only dense (F32/F16; drop --strict)")
     if _group_len(spec, in_features) % BLOCK:
-        raise ValueError(f"layer {name} has groups of {gran.group_size} weights, which do not fill GGUF's "
+        raise ExportError(f"layer {name} has groups of {gran.group_size} weights, which do not fill GGUF's "
                          f"{BLOCK}-weight blocks; re-quantize with --group-size 32 (or a multiple of 32, or per "
                          "channel)")
     if fmt.symmetric:
@@ -138,7 +148,7 @@ def gguf_type_for(name: str, spec: QuantSpec, in_features: int, has_lorc: bool):
         return T.Q5_1
     if fmt.bits <= 7:
         return T.Q8_0
-    raise ValueError(f"layer {name} uses asymmetric INT8, which has no GGUF block type (codes minus zero point "
+    raise ExportError(f"layer {name} uses asymmetric INT8, which has no GGUF block type (codes minus zero point "
                      "span up to 511 values, Q8_0 holds 256); re-quantize with --sym (stored as Q8_0) or "
                      "--wbits 7 or less")
 
@@ -154,7 +164,7 @@ def _fp16_bytes(name: str, x: torch.Tensor, what: str) -> np.ndarray:
     """``(out, nb)`` float64 → fp16 as ``(out, nb, 2)`` bytes; ValueError when it overflows fp16."""
     h = x.to(torch.float16)
     if not torch.isfinite(h).all():
-        raise ValueError(f"layer {name} has a block {what} beyond the fp16 range of GGUF blocks "
+        raise ExportError(f"layer {name} has a block {what} beyond the fp16 range of GGUF blocks "
                          f"(max {float(x.abs().max()):.4g}), so llama.cpp can store it only dense (drop --strict)")
     return h.numpy().view(np.uint8).reshape(*x.shape, 2)
 
@@ -209,7 +219,7 @@ def rope_permutation(rows: int, heads: int) -> torch.Tensor:
     head, new row ``2i`` is old row ``i`` and new row ``2i+1`` is old row ``i + head_dim/2``. ``heads`` is the kv
     head count for k under GQA. LongTensor ``(rows,)``; its inverse is ``torch.argsort(perm)``."""
     if rows % (2 * heads):
-        raise ValueError(f"{rows} rows do not split into {heads} heads of an even head dim; fix the config")
+        raise ExportError(f"{rows} rows do not split into {heads} heads of an even head dim; fix the config")
     return torch.arange(rows).reshape(heads, 2, rows // heads // 2).transpose(1, 2).reshape(-1)
 
 
@@ -252,10 +262,10 @@ def _read_config(src: Path) -> dict[str, Any]:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} cannot be read ({e}); pass a bitsmith output folder") from None
+        raise ExportError(f"{path} cannot be read ({e}); pass a bitsmith output folder") from None
     archs = config.get("architectures") or []
     if not archs or archs[0] != ARCHITECTURE:
-        raise ValueError(f"the GGUF export supports LLaMA-family models ({ARCHITECTURE}); {src} is "
+        raise ExportError(f"the GGUF export supports LLaMA-family models ({ARCHITECTURE}); {src} is "
                          f"{archs[0] if archs else 'of unknown architecture'}")
     return config
 
@@ -263,7 +273,7 @@ def _read_config(src: Path) -> dict[str, Any]:
 def _check_rope(src: Path, config: Any) -> None:
     kind = _rope_parameters(config).get("rope_type") or _rope_parameters(config).get("type") or "default"
     if kind not in ("default", "linear"):
-        raise ValueError(f"{src} uses RoPE scaling {kind!r}, which the GGUF export does not write yet "
+        raise ExportError(f"{src} uses RoPE scaling {kind!r}, which the GGUF export does not write yet "
                          "(supported: none, linear)")
 
 
@@ -289,7 +299,7 @@ def _spm_vocab(tok: dict[str, Any], vocab_size: int) -> tuple[list[bytes], list[
         vocab.setdefault(text, int(a["id"]))
     n = max(vocab.values()) + 1
     if n > vocab_size:
-        raise ValueError(f"the tokenizer has {n} tokens but the model's vocab_size is {vocab_size}; "
+        raise ExportError(f"the tokenizer has {n} tokens but the model's vocab_size is {vocab_size}; "
                          "fix the tokenizer or config of the model")
     by_id = {i: t for t, i in vocab.items()}
     scores = _merge_scores(model)
@@ -327,7 +337,7 @@ def _add_vocab(writer, src: Path, vocab_size: int) -> str:
         try:
             tok = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} is corrupt ({e}); restore it or remove it to export without a tokenizer") \
+            raise ExportError(f"{path} is corrupt ({e}); restore it or remove it to export without a tokenizer") \
                 from None
     model = (tok or {}).get("model") or {}
     if model.get("type") == "BPE" and model.get("byte_fallback"):
@@ -359,11 +369,11 @@ def check_output_file(dest: str | Path, overwrite: bool) -> Path:
     unless ``overwrite``."""
     dest = Path(dest)
     if dest.suffix != ".gguf":
-        raise ValueError(f"the GGUF output {dest} must be a file path ending in .gguf, e.g. --output model.gguf")
+        raise ExportError(f"the GGUF output {dest} must be a file path ending in .gguf, e.g. --output model.gguf")
     if dest.is_dir():
-        raise ValueError(f"output path {dest} is a folder; pass a .gguf file path")
+        raise ExportError(f"output path {dest} is a folder; pass a .gguf file path")
     if dest.exists() and not overwrite:
-        raise ValueError(f"output file {dest} already exists; choose another --output or pass --overwrite")
+        raise ExportError(f"output file {dest} already exists; choose another --output or pass --overwrite")
     return dest
 
 
@@ -400,7 +410,7 @@ def _plan_layers(src: Path, layers: dict[str, Any], strict: bool) -> tuple[dict[
                 raise
             dense[name] = str(e)
     if not qtypes:
-        raise ValueError(f"no layer of {src} can be stored in a GGUF block type ({next(iter(dense.values()))})")
+        raise ExportError(f"no layer of {src} can be stored in a GGUF block type ({next(iter(dense.values()))})")
     return qtypes, dense
 
 
@@ -416,10 +426,10 @@ def _plan(src: Path, model, strict: bool):
     source = open_source(src, model)
     for key, what in (("act", "activation"), ("kv", "KV-cache")):
         if source.recipe.get(key):
-            raise ValueError(f"{src} quantizes {what}s too; the GGUF export is weight-only (llama.cpp would not "
+            raise ExportError(f"{src} quantizes {what}s too; the GGUF export is weight-only (llama.cpp would not "
                              "re-apply it), re-quantize without --abits/--aformat/--kvbits to export it")
     if not source.layers:
-        raise ValueError(f"{src} has no quantized layers; quantize weights (--wbits < 16) before exporting")
+        raise ExportError(f"{src} has no quantized layers; quantize weights (--wbits < 16) before exporting")
     qtypes, dense = _plan_layers(src, source.layers, strict)
     if dense:
         log.warning("GGUF export: %d of %d quantized layers stored dense (%s, their exact dequantized weights; "
@@ -470,7 +480,7 @@ def export_gguf(src: str | Path, dest: str | Path, overwrite: bool = False, stri
             continue
         gname = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if gname is None:
-            raise ValueError(f"tensor {key} of {src} has no llama.cpp name; the GGUF export supports plain "
+            raise ExportError(f"tensor {key} of {src} has no llama.cpp name; the GGUF export supports plain "
                              f"{ARCHITECTURE} checkpoints")
         perm = rope_permutation(t.shape[0], heads[module]) if module in heads else None
         if kind == "weight" and module in qtypes:

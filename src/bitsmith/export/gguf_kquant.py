@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..errors import ExportError
 from ..formats import QuantizedTensor
 from ..formats.kquant import SUPER, KQuantFormat, super_block_params
 
@@ -53,7 +54,7 @@ def encode_kquant(name: str, qt: QuantizedTensor) -> np.ndarray:
     try:
         d, sc, dmin, m = super_block_params(fmt, qt.scale, qt.zero)
     except ValueError as e:
-        raise ValueError(f"layer {name}: {e}") from None
+        raise ExportError(f"layer {name}: {e}") from None
     n_super = n_in // SUPER
     q = qt.codes.to(torch.int64).numpy().reshape(rows, n_super, SUPER)
     sc = sc.numpy().reshape(rows, n_super, -1)

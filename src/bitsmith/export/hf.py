@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 
 from torch import nn
 
+from ..errors import ExportError
 from ..models import fused_experts, get_architecture
 
 log = logging.getLogger(__name__)
@@ -29,9 +30,9 @@ def check_output_dir(out: str | Path, overwrite: bool) -> Path:
     """Validate an output folder before any work starts: refuse an existing one unless ``overwrite``."""
     out = Path(out)
     if out.exists() and not overwrite:
-        raise ValueError(f"output folder {out} already exists; choose another --output or pass --overwrite")
+        raise ExportError(f"output folder {out} already exists; choose another --output or pass --overwrite")
     if out.exists() and not out.is_dir():
-        raise ValueError(f"output path {out} exists and is not a folder; choose another --output")
+        raise ExportError(f"output path {out} exists and is not a folder; choose another --output")
     return out
 
 
@@ -101,4 +102,4 @@ def read_report(folder: str | Path) -> dict[str, Any] | None:
     try:
         return json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{p} is corrupt ({e}); re-run bitsmith quantize to recreate it") from None
+        raise ExportError(f"{p} is corrupt ({e}); re-run bitsmith quantize to recreate it") from None

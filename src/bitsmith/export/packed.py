@@ -12,7 +12,7 @@
 * ``packed/quantization.json`` (``version`` 1): per layer its spec (``QuantSpec.to_dict()``), shape ``[out, in]``,
   logical ``storage_bits`` and ``bits_per_weight`` (scales counted at 16 bits), and the LoRC rank / factor specs.
 
-:func:`load` builds the model from the folder (its dequantized weights), replaces the listed linears by
+:func:`bitsmith.export.load.load` builds the model from the folder (its dequantized weights), replaces the listed linears by
 ``PackedLinear`` modules holding the stored buffers, and re-applies activation and KV-cache quantization recorded
 in ``bitsmith.json`` (as ``bitsmith eval`` does). Folders written before the ``packed/`` subfolder existed keep both
 files at the top level; they are still read (:func:`packed_files`), with a warning that vLLM refuses such a folder.
@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import ExportError
 from ..formats import QuantizedTensor, QuantSpec, spec_from_dict
 from ..nn.packed import PackedLinear, unpack_codes
 
@@ -123,7 +124,7 @@ def read_packed_config(folder: str | Path) -> dict[str, Any]:
     """The ``quantization.json`` of a packed folder (ValueError naming the fix when absent or unreadable)."""
     files = packed_files(folder)
     if files is None:
-        raise ValueError(f"{folder} has no packed checkpoint ({PACKED_DIR}/{PACKED_CONFIG} + {PACKED_NAME}); "
+        raise ExportError(f"{folder} has no packed checkpoint ({PACKED_DIR}/{PACKED_CONFIG} + {PACKED_NAME}); "
                          "re-run bitsmith quantize without --no-pack")
     return parse_packed_config(files[1])
 
@@ -133,9 +134,9 @@ def parse_packed_config(p: Path) -> dict[str, Any]:
     try:
         body = json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{p} is corrupt ({e}); re-run bitsmith quantize") from None
+        raise ExportError(f"{p} is corrupt ({e}); re-run bitsmith quantize") from None
     if body.get("version") != PACKED_VERSION:
-        raise ValueError(f"{p} has version {body.get('version')!r}, this bitsmith reads version {PACKED_VERSION}; "
+        raise ExportError(f"{p} has version {body.get('version')!r}, this bitsmith reads version {PACKED_VERSION}; "
                          "re-run bitsmith quantize")
     return body
 
@@ -158,12 +159,12 @@ def build_packed_linear(name: str, entry: dict[str, Any], tensors: dict[str, tor
     zero = tensors.get(f"{name}.zero")
     codes = unpack_codes(qweight, spec, in_f)
     if tuple(codes.shape) != (out_f, in_f):
-        raise ValueError(f"packed layer {name} has codes of shape {tuple(codes.shape)}, expected {(out_f, in_f)}; "
+        raise ExportError(f"packed layer {name} has codes of shape {tuple(codes.shape)}, expected {(out_f, in_f)}; "
                          "the packed checkpoint is corrupt, re-run bitsmith quantize")
     qt = QuantizedTensor(codes, scale, None if zero is None else zero.to(scale.dtype), spec)
     p = PackedLinear(qt, bias, scale.dtype)
     if not torch.equal(p.qweight, qweight):
-        raise ValueError(f"packed layer {name} does not round-trip; the packed checkpoint is corrupt")
+        raise ExportError(f"packed layer {name} does not round-trip; the packed checkpoint is corrupt")
     lorc = entry.get("lorc")
     if lorc:
         specs = lorc.get("specs", {})
@@ -171,40 +172,3 @@ def build_packed_linear(name: str, entry: dict[str, Any], tensors: dict[str, tor
         b = _factor(tensors, name, "lorc_b", specs.get("lorc_b"), in_f)
         p.set_lorc(a, b)
     return p
-
-
-def load(path: str | Path, device: str | torch.device | None = None) -> nn.Module:
-    """A bitsmith output folder as a model whose quantized linears are :class:`PackedLinear` modules (the stored
-    packed codes, or codes recovered from the on-grid weights of a ``--no-pack`` folder); activation and KV-cache
-    quantization from ``bitsmith.json`` are re-applied."""
-    from ..models import get_architecture, load_model
-    from ..models.kvcache import enable_kv_quant
-    from ..nn.quantizer import ActQuantizer
-    from .source import open_source, require_output
-
-    require_output(path)
-    model, _ = load_model(path)
-    model.eval()
-    source = open_source(path, model)
-    for name in source.layers:
-        try:
-            lin = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"packed layer {name} is not a module of the model in {path}; "
-                             "the folder and its packed checkpoint do not belong together") from None
-        bias = None if getattr(lin, "bias", None) is None else lin.bias.detach()
-        packed = source.packed(name, bias)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, packed)
-    recipe = source.recipe
-    if recipe.get("act"):
-        spec = spec_from_dict(recipe["act"])
-        for name in source.layers:
-            m = model.get_submodule(name)
-            m.act_quantizer = ActQuantizer(spec)
-            m.register_forward_pre_hook(lambda mod, args: (mod.act_quantizer(args[0]), *args[1:]))
-    if recipe.get("kv"):
-        enable_kv_quant(model, get_architecture(model), spec_from_dict(recipe["kv"]))
-    if device is not None:
-        model.to(device)
-    return model

@@ -28,6 +28,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from ..errors import ExportError
 from ..models.streaming import StreamingModel
 from ..utils import dist
 from ..utils.memory import trim_host_memory
@@ -125,7 +126,7 @@ class ShardWriter:
 
     def __init__(self, folder: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
         if max_shard_bytes < 1:
-            raise ValueError(f"max shard size must be positive, got {max_shard_bytes} bytes")
+            raise ExportError(f"max shard size must be positive, got {max_shard_bytes} bytes")
         self.folder = Path(folder)
         self.max_shard_bytes = max_shard_bytes
         self._shards: list[SafetensorsStream] = []

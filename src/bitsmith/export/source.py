@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import ExportError
 from ..formats import QuantizedTensor, spec_from_dict
 from ..nn.packed import PackedLinear
 from .hf import read_report
@@ -58,7 +59,7 @@ class Source:
         try:
             return fit_codes(weight.detach().cpu(), spec)
         except ValueError as e:
-            raise ValueError(f"layer {name} of {self.folder}: {e}; its codes cannot be recovered from the weights, "
+            raise ExportError(f"layer {name} of {self.folder}: {e}; its codes cannot be recovered from the weights, "
                              "re-run bitsmith quantize (it writes the packed codes unless --no-pack)") from None
 
 
@@ -66,7 +67,7 @@ def _recover_layers(folder: Path, model: nn.Module, recipe: dict[str, Any]) -> d
     from ..models import find_linears, get_architecture, get_blocks
 
     if recipe.get("lorc_rank"):
-        raise ValueError(f"{folder} has LoRC factors folded into its weights and no packed checkpoint, so its codes "
+        raise ExportError(f"{folder} has LoRC factors folded into its weights and no packed checkpoint, so its codes "
                          "cannot be recovered; re-run bitsmith quantize (it writes the packed codes unless --no-pack)")
     arch = get_architecture(model)
     layers = {}
@@ -82,7 +83,7 @@ def require_output(folder: str | Path) -> dict[str, Any]:
     loading the model, so the error comes first)."""
     report = read_report(folder)
     if report is None:
-        raise ValueError(f"{folder} is not a bitsmith output folder (no bitsmith.json); quantize it first with "
+        raise ExportError(f"{folder} is not a bitsmith output folder (no bitsmith.json); quantize it first with "
                          "bitsmith quantize")
     return report
 
@@ -99,6 +100,6 @@ def open_source(folder: str | Path, model: nn.Module) -> Source:
         body = parse_packed_config(files[1])
         return Source(folder, model, recipe, body["layers"], False, load_file(str(files[0])))
     if not recipe.get("weight"):
-        raise ValueError(f"{folder} has no quantized layers; quantize weights (--wbits < 16) before exporting")
+        raise ExportError(f"{folder} has no quantized layers; quantize weights (--wbits < 16) before exporting")
     log.info("%s has no packed checkpoint: recovering each layer's codes from its on-grid weights", folder)
     return Source(folder, model, recipe, _recover_layers(folder, model, recipe), True)

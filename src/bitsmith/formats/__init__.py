@@ -7,12 +7,27 @@ granularities (:class:`PerTensor`, :class:`PerChannel`, :class:`PerGroup`, :clas
 
 from __future__ import annotations
 
+from ..errors import ConfigError
 from .base import NumberFormat
 from .floating import E2M1, E2M3, E3M2, E4M3, E5M2, FPFormat
-from .granularity import Granularity, PerChannel, PerGroup, PerTensor, PerToken, granularity_from_dict
+from .granularity import (
+    Granularity,
+    PerChannel,
+    PerGroup,
+    PerTensor,
+    PerToken,
+    granularity_from_dict,
+)
 from .integer import IntFormat
 from .kquant import GGUF_MIXES, K_FORMATS, KQuantFormat, fallback_spec, mix_spec
-from .spec import MAX_POW2_SHIFT, SCALE_CONSTRAINTS, QuantizedTensor, QuantSpec, activation_spec, constrain_scale
+from .spec import (
+    MAX_POW2_SHIFT,
+    SCALE_CONSTRAINTS,
+    QuantizedTensor,
+    QuantSpec,
+    activation_spec,
+    constrain_scale,
+)
 from .ste import round_ste
 
 FP_PRESETS: dict[str, FPFormat] = {
@@ -31,18 +46,18 @@ def make_format(name: str, bits: int | None = None, symmetric: bool = False) -> 
     key = name.lower()
     if key == "int":
         if bits is None:
-            raise ValueError("the int format needs a bit width (2–8); pass e.g. --wbits 4")
+            raise ConfigError("the int format needs a bit width (2–8); pass e.g. --wbits 4")
         return IntFormat(bits, symmetric)
     if key in K_FORMATS:
         fmt = KQuantFormat(key)
         if bits is not None and bits != fmt.bits:
-            raise ValueError(f"format {name} has {fmt.bits}-bit codes, not {bits}; drop the bit width")
+            raise ConfigError(f"format {name} has {fmt.bits}-bit codes, not {bits}; drop the bit width")
         return fmt
     if key not in FP_PRESETS:
-        raise ValueError(f"unknown number format {name!r}; use one of: {', '.join(FORMAT_NAMES)}")
+        raise ConfigError(f"unknown number format {name!r}; use one of: {', '.join(FORMAT_NAMES)}")
     fmt = FP_PRESETS[key]
     if bits is not None and bits != fmt.bits:
-        raise ValueError(f"format {name} has {fmt.bits} bits, not {bits}; drop the bit width or pick another format")
+        raise ConfigError(f"format {name} has {fmt.bits} bits, not {bits}; drop the bit width or pick another format")
     return fmt
 
 
@@ -54,7 +69,7 @@ def format_from_dict(d: dict) -> NumberFormat:
         return KQuantFormat(str(d["kind"]))
     if d.get("type") == "fp":
         return FPFormat(int(d["ebits"]), int(d["mbits"]), str(d.get("convention", "none")))
-    raise ValueError(f"unknown format description {d!r}; expected type 'int' or 'fp'")
+    raise ConfigError(f"unknown format description {d!r}; expected type 'int' or 'fp'")
 
 
 def spec_from_dict(d: dict) -> QuantSpec:

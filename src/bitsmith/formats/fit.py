@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ExportError
 from .floating import FPFormat
 from .integer import IntFormat
 from .spec import QuantizedTensor, QuantSpec
@@ -104,16 +105,16 @@ def fit_codes(weight: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
     elif isinstance(fmt, FPFormat):
         scale, zero = _fit_fp(xg, fmt, search)
     else:
-        raise ValueError(f"cannot recover codes of format {fmt!r} from weights")
+        raise ExportError(f"cannot recover codes of format {fmt!r} from weights")
     bad = ~torch.isfinite(scale)
     if bad.any():
-        raise ValueError(f"{int(bad.sum())} of {bad.numel()} scale blocks are not on the {fmt.name} "
+        raise ExportError(f"{int(bad.sum())} of {bad.numel()} scale blocks are not on the {fmt.name} "
                          f"{spec.granularity.kind} grid")
     scale = _refine(xg, scale, zero, spec)
     qt = spec.quantize(x, scale, zero)
     err = (qt.dequantize(torch.float32) - x).abs()
     limit = spec.granularity.expand(tol, x.shape)
     if (err > limit).any():
-        raise ValueError(f"weights are not on the {fmt.name} {spec.granularity.kind} grid (largest difference "
+        raise ExportError(f"weights are not on the {fmt.name} {spec.granularity.kind} grid (largest difference "
                          f"{float(err.max()):.3g} after fitting)")
     return qt

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import ConfigError
 from .base import NumberFormat, scale_floor
 from .ste import ste
 
@@ -37,14 +38,14 @@ class FPFormat(NumberFormat):
 
     def __post_init__(self) -> None:
         if not (isinstance(self.ebits, int) and isinstance(self.mbits, int)):
-            raise ValueError("exponent and mantissa bit counts must be integers")
+            raise ConfigError("exponent and mantissa bit counts must be integers")
         if self.ebits < 1 or self.mbits < 0 or not 3 <= 1 + self.ebits + self.mbits <= 8:
-            raise ValueError(
+            raise ConfigError(
                 f"unsupported FP format e{self.ebits}m{self.mbits}: need ≥1 exponent bit and 3–8 bits in all; "
                 "use e4m3, e5m2, e3m2, e2m3 or e2m1"
             )
         if self.convention not in _CONVENTIONS:
-            raise ValueError(f"unknown FP convention {self.convention!r}; use one of {', '.join(_CONVENTIONS)}")
+            raise ConfigError(f"unknown FP convention {self.convention!r}; use one of {', '.join(_CONVENTIONS)}")
 
     # ---- derived constants -------------------------------------------------------------------------
     @property

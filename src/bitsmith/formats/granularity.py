@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Granularity:
@@ -123,7 +125,7 @@ class PerGroup(Granularity):
 
     def __post_init__(self) -> None:
         if not isinstance(self.group_size, int) or self.group_size < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"group size must be a positive integer, got {self.group_size!r}; use e.g. 32, 64 or 128, "
                 "or per-channel quantization"
             )
@@ -146,5 +148,5 @@ def granularity_from_dict(d: dict) -> Granularity:
         return PerGroup(int(d["group_size"]))
     table = {"tensor": PerTensor, "channel": PerChannel, "token": PerToken}
     if kind not in table:
-        raise ValueError(f"unknown granularity {kind!r}; use one of tensor, channel, token, group")
+        raise ConfigError(f"unknown granularity {kind!r}; use one of tensor, channel, token, group")
     return table[kind]()

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import ConfigError
 from .base import NumberFormat, scale_floor
 from .ste import round_ste
 
@@ -34,7 +35,7 @@ class IntFormat(NumberFormat):
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
-            raise ValueError(
+            raise ConfigError(
                 f"integer formats support {MIN_BITS}–{MAX_BITS} bits, got {self.bits!r}; "
                 "use 16 to leave a tensor unquantized"
             )

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import ConfigError
 from .base import NumberFormat
 from .granularity import PerGroup
 from .integer import IntFormat
@@ -57,7 +58,7 @@ class KQuantFormat(NumberFormat):
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
-            raise ValueError(f"unknown K-quant type {self.kind!r}; use one of {', '.join(K_FORMATS)}")
+            raise ConfigError(f"unknown K-quant type {self.kind!r}; use one of {', '.join(K_FORMATS)}")
 
     @property
     def bits(self) -> int:  # type: ignore[override]
@@ -97,7 +98,7 @@ class KQuantFormat(NumberFormat):
         rows, groups, _ = v.shape
         per = SUPER // self.sub_block
         if groups % per:
-            raise ValueError(f"{self.kind} needs rows of a multiple of {SUPER} weights, got {groups * self.sub_block}"
+            raise ConfigError(f"{self.kind} needs rows of a multiple of {SUPER} weights, got {groups * self.sub_block}"
                              f"; use fallback_spec for such rows")
         return v.reshape(rows, groups // per, per)
 
@@ -148,7 +149,7 @@ def super_block_params(fmt: KQuantFormat, scale: torch.Tensor, zero: torch.Tenso
         d = torch.where(d > 0, d, torch.ones_like(d))
         code = torch.round(sup / d)
         if (code < 0).any() or (code > levels).any() or ((code * d - sup).abs() > 1e-5 * sup.abs() + 1e-30).any():
-            raise ValueError(f"qparams are not on the {fmt.kind} scale grid (quantize with --wformat {fmt.kind})")
+            raise ConfigError(f"qparams are not on the {fmt.kind} scale grid (quantize with --wformat {fmt.kind})")
         return d[..., 0], code.reshape(rows, groups).to(torch.int32)
 
     d, sc = split(scale, fmt.scale_levels)
@@ -187,7 +188,7 @@ def mix_spec(mix: str, spec: QuantSpec, role: str | None, layer: int, n_layers: 
     """The spec of one linear under llama.cpp's ``mix`` (``q4_k_m`` …) with base ``spec`` (its K type): ``role`` is
     ``attn_v``, ``ffn_down`` or None (every other linear keeps ``spec``); ``layer`` of ``n_layers``."""
     if mix not in GGUF_MIXES:
-        raise ValueError(f"unknown GGUF mix {mix!r}; use one of {', '.join(GGUF_MIXES)}")
+        raise ConfigError(f"unknown GGUF mix {mix!r}; use one of {', '.join(GGUF_MIXES)}")
     if role not in ("attn_v", "ffn_down"):
         return spec
     if mix.endswith("_m"):

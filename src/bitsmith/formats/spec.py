@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import ConfigError
 from .base import NumberFormat
 from .granularity import Granularity, PerChannel, PerGroup, PerToken
 from .ste import ste
@@ -45,7 +46,7 @@ def constrain_scale(scale: torch.Tensor, constraint: str) -> torch.Tensor:
             return row * torch.exp2(-k)
 
         return ste(scale, m2)
-    raise ValueError(f"unknown scale constraint {constraint!r}; use one of {', '.join(SCALE_CONSTRAINTS)}")
+    raise ConfigError(f"unknown scale constraint {constraint!r}; use one of {', '.join(SCALE_CONSTRAINTS)}")
 
 
 @dataclass
@@ -74,15 +75,15 @@ class QuantSpec:
 
     def __post_init__(self) -> None:
         if self.scale_constraint not in SCALE_CONSTRAINTS:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown scale constraint {self.scale_constraint!r}; use one of {', '.join(SCALE_CONSTRAINTS)}"
             )
         sub = self.format.sub_block  # K-quants: the sub-block is the group
         if sub is not None and self.granularity != PerGroup(sub):
-            raise ValueError(f"{self.format.name} quantizes sub-blocks of {sub} weights; use groups of {sub} "
+            raise ConfigError(f"{self.format.name} quantizes sub-blocks of {sub} weights; use groups of {sub} "
                              f"(drop --group-size), not {self.granularity.kind}")
         if self.scale_constraint != "none" and not self.format.is_float:
-            raise ValueError(
+            raise ConfigError(
                 f"scale constraint {self.scale_constraint} applies to FP weight formats (e.g. e2m1), "
                 f"not {self.format.name}; drop --scale-constraint or choose an FP format"
             )
@@ -177,7 +178,7 @@ class QuantSpec:
         """Reject a group size larger than the dimension it groups (``n_in`` elements per row)."""
         g = self.granularity
         if isinstance(g, PerGroup) and g.group_size > n_in:
-            raise ValueError(
+            raise ConfigError(
                 f"group size {g.group_size} is larger than the {n_in} input features of {what}; "
                 f"use a group size ≤ {n_in} or per-channel quantization"
             )

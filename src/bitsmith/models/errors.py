@@ -1,7 +1,8 @@
-"""The one exception type for mistakes a user can make with a model (bad folder, unsupported architecture, ...)."""
+"""The exception type for mistakes a user can make with a model (bad folder, unsupported architecture, ...):
+:class:`bitsmith.errors.ModelError`, re-exported here for the models layer."""
 
 from __future__ import annotations
 
+from ..errors import ModelError
 
-class ModelError(ValueError):
-    """A model cannot be loaded or walked; the message says what is wrong and how to fix it, in one line."""
+__all__ = ["ModelError"]

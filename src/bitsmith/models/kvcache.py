@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import ModelError
 from ..formats import QuantSpec
 from ..nn import ActQuantizer
-from .registry import Architecture
-from .registry import get_blocks
+from .registry import Architecture, get_blocks
 
 PREFIX = "bitsmith_kv_"
 _BASES = ("sdpa", "eager")
@@ -64,7 +64,7 @@ def enable_kv_quant(model: nn.Module, arch: Architecture, spec: QuantSpec) -> in
     impl = model.config._attn_implementation or "eager"
     base = impl.removeprefix(PREFIX)
     if base not in _BASES:
-        raise ValueError(f"KV-cache quantization supports the {' and '.join(_BASES)} attention implementations, "
+        raise ModelError(f"KV-cache quantization supports the {' and '.join(_BASES)} attention implementations, "
                          f"not {impl}; load the model with attn_implementation='sdpa'")
     _register()
     model.config._attn_implementation = f"{PREFIX}{base}"

@@ -11,6 +11,8 @@ from typing import Iterator
 
 import torch
 
+from ..errors import ConfigError
+
 _ACCEL = "cuda"  # the only literal accelerator name in the package
 
 
@@ -31,7 +33,7 @@ def resolve_device(name: str | torch.device | None = None) -> torch.device:
         return torch.device(_ACCEL if accelerator_available() else "cpu")
     dev = torch.device(name)
     if dev.type == _ACCEL and not accelerator_available():
-        raise ValueError(f"device {name!r} requested but no accelerator is available; use --device cpu")
+        raise ConfigError(f"device {name!r} requested but no accelerator is available; use --device cpu")
     return dev
 
 

@@ -27,6 +27,7 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.distributed as dist
 
+from ..errors import ConfigError
 from .device import is_accelerator
 
 log = logging.getLogger(__name__)
@@ -255,10 +256,10 @@ def check_shardable(nsamples: int, batch_size: int, world: int | None = None) ->
     if w == 1:
         return
     if batch_size % w:
-        raise ValueError(f"--batch-size {batch_size} is not a multiple of the {w} processes (it counts samples per "
+        raise ConfigError(f"--batch-size {batch_size} is not a multiple of the {w} processes (it counts samples per "
                          f"step over all processes); pass --batch-size {w * -(-batch_size // w)}")
     if nsamples % batch_size:
-        raise ValueError(f"--nsamples {nsamples} is not a multiple of --batch-size {batch_size}; "
+        raise ConfigError(f"--nsamples {nsamples} is not a multiple of --batch-size {batch_size}; "
                          f"pass --nsamples {batch_size * max(1, nsamples // batch_size)}")
 
 

@@ -22,6 +22,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from ..errors import ConfigError
 from .device import is_accelerator, peak_memory_bytes, reset_peak_memory
 
 log = logging.getLogger(__name__)
@@ -176,7 +177,7 @@ class ActivationStore(Sequence[torch.Tensor]):
         if placement not in ("host", "disk"):
             raise ValueError(f"ActivationStore placement must be 'host' or 'disk', got {placement!r}")
         if placement == "disk" and folder is None:
-            raise ValueError("disk offload needs a folder; pass --offload-dir")
+            raise ConfigError("disk offload needs a folder; pass --offload-dir")
         self.device = torch.device(device)
         self.placement = placement
         self.root = Path(folder) if folder is not None else None

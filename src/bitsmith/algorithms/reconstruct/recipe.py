@@ -5,12 +5,12 @@
 * ``omniquant`` (:class:`~bitsmith.algorithms.omniquant.OmniQuantConfig` converts to one): LWC + LET, AdamW,
   constant learning rates, epochs over the calibration batches in order, last parameters kept
   (arXiv 2308.13137, official code's defaults);
-* ``autoround`` (:data:`AUTOROUND`): SignRound reproduced (arXiv 2309.05516 / intel auto-round defaults):
-  rounding offsets + min/max scales in [0, 1], signed gradient descent with lr 1/steps decaying linearly to 0,
+* ``autoround`` (:data:`bitsmith.algorithms.autoround.AUTOROUND`): SignRound reproduced (arXiv 2309.05516 /
+  intel auto-round defaults): rounding offsets + min/max scales in [0, 1], signed gradient descent with lr 1/steps decaying linearly to 0,
   200 steps of 8 randomly drawn samples, parameters of the lowest mini-batch loss kept;
-* ``bitsmith`` (:data:`BITSMITH`): the default, the combination that measured best (README, benchmarks): SignRound's
-  groups trained by Adam on the token-normalised loss, LET by signed steps, then end-to-end norm tuning
-  (:mod:`bitsmith.algorithms.e2e`).
+* ``bitsmith`` (:data:`bitsmith.algorithms.default.BITSMITH`): the default, the combination that measured best
+  (README, benchmarks): SignRound's groups trained by Adam on the token-normalised loss, LET by signed steps,
+  then end-to-end norm tuning (:mod:`bitsmith.algorithms.e2e`).
 """
 
 from __future__ import annotations
@@ -21,12 +21,20 @@ from dataclasses import dataclass
 
 import torch
 
-from ..nn import QuantLinear
-from ..transforms import ChannelStats, Edge
-from .block import weight_error
-from .e2e import EndToEndConfig
-from .groups import ClipGroup, LETGroup, RoundingGroup
-from .reconstruct import OPTIMIZERS, BlockForward, TrainConfig, eval_loss, train_with_retry
+from ...errors import ConfigError
+from ...nn import QuantLinear
+from ...transforms import ChannelStats, Edge
+from ..base import weight_error
+from ..e2e import EndToEndConfig
+from ..gptq import GPTQConfig
+from .learnable import ClipGroup, LETGroup, RoundingGroup
+from .trainer import (
+    OPTIMIZERS,
+    BlockForward,
+    TrainConfig,
+    eval_loss,
+    train_with_retry,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +55,11 @@ class ReconstructConfig:
     needs ``clip`` none and no LET).
     Training: ``epochs`` passes over the calibration batches or ``steps`` optimizer steps (one of them), each
     step averaging ``batch`` batches; ``sampling``, ``optimizer``, ``schedule``, ``best``, ``eval_every``,
-    ``holdout``, ``patience`` as in :class:`~bitsmith.algorithms.reconstruct.TrainConfig`. Learning rates:
+    ``holdout``, ``patience`` as in :class:`~bitsmith.algorithms.reconstruct.trainer.TrainConfig`. Learning rates:
     ``lr`` for the rounding offsets (None: 1/steps, SignRound's rule), ``clip_lr`` (None: ``lr``), ``let_lr``
     (trained by ``let_optimizer``, None: the same optimizer).
     ``seed``: the mini-batch sampler's seed; ``loss``: ``mse`` or ``token_mse`` (see
-    :func:`~bitsmith.algorithms.reconstruct.block_loss`). ``e2e_steps``/``e2e_lr``/``e2e_holdout``: after every
+    :func:`~bitsmith.algorithms.reconstruct.trainer.block_loss`). ``gptq``: the GPTQ start's options. ``e2e_steps``/``e2e_lr``/``e2e_holdout``: after every
     block, tune the norms end to end (:mod:`bitsmith.algorithms.e2e`; 0 steps: off). ``aug_loss``: also match
     the full-precision block on the quantized inputs (official OmniQuant option).
     """
@@ -86,27 +94,30 @@ class ReconstructConfig:
     e2e_steps: int = 0
     e2e_lr: float = 1e-2
     e2e_holdout: int = 0
+    gptq: GPTQConfig = GPTQConfig()
 
     def __post_init__(self) -> None:
+        if isinstance(self.gptq, dict):  # from a recipe file
+            object.__setattr__(self, "gptq", GPTQConfig(**self.gptq))
         if self.clip not in CLIPS:
-            raise ValueError(f"unknown clip parametrisation {self.clip!r}; use one of {', '.join(CLIPS)}")
+            raise ConfigError(f"unknown clip parametrisation {self.clip!r}; use one of {', '.join(CLIPS)}")
         if self.clip_init not in ("minmax", "mse") or (self.clip_init == "mse" and self.clip != "linear"):
-            raise ValueError(f"clip_init must be 'minmax' or 'mse' (mse needs clip 'linear'), got {self.clip_init!r}")
+            raise ConfigError(f"clip_init must be 'minmax' or 'mse' (mse needs clip 'linear'), got {self.clip_init!r}")
         if self.start not in STARTS:
-            raise ValueError(f"unknown start point {self.start!r}; use one of {', '.join(STARTS)}")
+            raise ConfigError(f"unknown start point {self.start!r}; use one of {', '.join(STARTS)}")
         if self.start == "gptq" and (self.clip != "none" or self.let):
-            raise ValueError("a GPTQ start fixes the quantization grid: use it with rounding offsets only "
+            raise ConfigError("a GPTQ start fixes the quantization grid: use it with rounding offsets only "
                              "(clip 'none', no LET), or start from RTN")
         if self.epochs and self.steps:
-            raise ValueError(f"give epochs or steps, not both (got epochs={self.epochs}, steps={self.steps})")
+            raise ConfigError(f"give epochs or steps, not both (got epochs={self.epochs}, steps={self.steps})")
         for name in ("lr", "clip_lr", "let_lr"):
             v = getattr(self, name)
             if v is not None and not v > 0:
-                raise ValueError(f"{name} must be positive, got {v}")
+                raise ConfigError(f"{name} must be positive, got {v}")
         if self.let_optimizer not in (None, *OPTIMIZERS):
-            raise ValueError(f"unknown let_optimizer {self.let_optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
+            raise ConfigError(f"unknown let_optimizer {self.let_optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
         if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must lie in [0, 1], got {self.alpha}")
+            raise ConfigError(f"alpha must lie in [0, 1], got {self.alpha}")
         self.train(1)  # validates the training fields
         self.end_to_end()
 
@@ -139,16 +150,6 @@ class ReconstructConfig:
 
     def replace(self, **changes) -> "ReconstructConfig":
         return dataclasses.replace(self, **changes)
-
-
-AUTOROUND = ReconstructConfig()
-# The default (benchmarks/RESULTS.md "Default recipe v2", README "The default recipe"): SignRound's parameter groups
-# (rounding offsets + min/max scales) trained by Adam on the token-normalised block loss, 150 steps, the parameters
-# of the lowest full-calibration loss (checked every 50 steps) kept, LET (when the CLI adds it for quantized
-# activations) by signed gradient descent, then 30 steps of end-to-end norm tuning toward the full-precision
-# model's next-token distribution. Power-of-two-constrained scales (M1/M2) keep their min/max (clip_pow2=False).
-BITSMITH = ReconstructConfig(steps=150, optimizer="adamw", let_optimizer="signsgd", loss="token_mse", best="eval",
-                             eval_every=50, e2e_steps=30, e2e_lr=0.05, clip_pow2=False)
 
 
 def reconstruct_block(block_name: str, qlinears: dict[str, QuantLinear], edges: list[Edge],

@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..nn import QuantLinear
-from ..nn.quantizer import LWC_INIT, WeightQuantizer
-from ..transforms import ChannelStats, Edge, fold_edges, init_edge
+from ...nn import QuantLinear
+from ...nn.quantizer import LWC_INIT, WeightQuantizer
+from ...transforms import ChannelStats, Edge, fold_edges, init_edge
 
 CLIP_INIT = {"sigmoid": LWC_INIT, "linear": 1.0}
 

@@ -1,7 +1,7 @@
 """The one block-reconstruction trainer (OmniQuant arXiv 2308.13137 §3.1 Eq. 1, SignRound arXiv 2309.05516).
 
 Minimises ``‖F(W, X) − F(Q(W; Θ), X_q)‖²`` per decoder block over pluggable learnable parameter groups
-(:mod:`bitsmith.algorithms.groups`: LWC clipping, LET scales/shifts, rounding offsets), each with its own
+(:mod:`bitsmith.algorithms.reconstruct.learnable`: LWC clipping, LET scales/shifts, rounding offsets), each with its own
 learning rate. The calibration set is a list of *units* (one captured batch each); one optimizer step averages
 the loss over ``batch`` units (gradient accumulation), drawn in order (OmniQuant: ``batch`` 1, epochs over the
 units) or from reshuffled cycles (SignRound's sampler). Optimisers: AdamW (OmniQuant) or signed gradient
@@ -25,8 +25,9 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
-from ..utils import dist
-from ..utils.device import autocast
+from ...errors import ConfigError, NumericsError
+from ...utils import dist
+from ...utils.device import autocast
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class NonFiniteLoss(RuntimeError):
 
 
 class LearnableGroup(Protocol):
-    """A set of learnable tensors trained together (see :mod:`bitsmith.algorithms.groups`)."""
+    """A set of learnable tensors trained together (see :mod:`bitsmith.algorithms.reconstruct.learnable`)."""
 
     name: str
     lr: float
@@ -112,17 +113,17 @@ class TrainConfig:
         for name in ("steps", "eval_every", "holdout", "patience", "seed"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
+                raise ConfigError(f"{name} must be a non-negative integer, got {v!r}")
         if not isinstance(self.batch, int) or self.batch < 1:
-            raise ValueError(f"batch (calibration units per step) must be a positive integer, got {self.batch!r}")
+            raise ConfigError(f"batch (calibration units per step) must be a positive integer, got {self.batch!r}")
         for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("sampling", SAMPLING),
                               ("best", BEST), ("loss", LOSSES)):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"unknown {name} {getattr(self, name)!r}; use one of {', '.join(allowed)}")
+                raise ConfigError(f"unknown {name} {getattr(self, name)!r}; use one of {', '.join(allowed)}")
         if self.weight_decay < 0:
-            raise ValueError(f"weight decay must be ≥ 0, got {self.weight_decay}")
+            raise ConfigError(f"weight decay must be ≥ 0, got {self.weight_decay}")
         if self.holdout and self.best != "eval":
-            raise ValueError("a held-out slice is judged by evaluation: set best='eval' with holdout > 0")
+            raise ConfigError("a held-out slice is judged by evaluation: set best='eval' with holdout > 0")
 
 
 class _Sampler:
@@ -278,7 +279,7 @@ def train_block(forward: BlockForward, groups: list[LearnableGroup], q_inputs: l
     groups = [g for g in groups if g.parameters()]
     n_train = len(q_inputs) - cfg.holdout
     if n_train < 1:
-        raise ValueError(f"holdout ({cfg.holdout}) leaves no calibration units to train on "
+        raise ConfigError(f"holdout ({cfg.holdout}) leaves no calibration units to train on "
                          f"({len(q_inputs)} units on this process)")
     info = {"step_losses": [], "eval_losses": [], "best_step": 0, "steps_run": 0}
     if not groups or cfg.steps == 0:
@@ -353,7 +354,7 @@ def train_with_retry(block_name: str, forward: BlockForward, groups: list[Learna
         try:
             return train_block(forward, groups, *args, lr_scale=0.1, **kwargs)
         except NonFiniteLoss as second:
-            raise ValueError(
+            raise NumericsError(
                 f"{block_name}: training diverged twice ({second}); lower the learning rates (--lwc-lr/--let-lr/"
                 "--lr), train fewer steps, or check the model for NaN/inf weights"
             ) from None

@@ -1,14 +1,11 @@
-"""Block-level drivers: quantize every QuantLinear of one decoder block with a weight algorithm.
-
-A driver gets the block's QuantLinears, the block's calibration inputs and a ``forward(hidden, kwargs)``
-callable (supplied by :mod:`bitsmith.models`, which alone knows how to call a Hugging Face block), and leaves
-each QuantLinear frozen. It returns per-layer statistics.
-"""
+"""GPTQ on a decoder block (Frantar et al., arXiv 2210.17323): the Hessians ``H = 2/N Σ x xᵀ`` of every
+layer's input gathered in passes over the calibration batches, each layer solved by :func:`gptq_solve`
+(:mod:`bitsmith.algorithms.gptq`), spread over the ranks under ``torch.distributed``; also GPTQ as the start
+point of the reconstruction trainer. Registers the ``gptq`` method."""
 
 from __future__ import annotations
 
 import logging
-from typing import Callable
 
 import torch
 from torch import nn
@@ -16,29 +13,10 @@ from torch import nn
 from ..formats import QuantizedTensor
 from ..nn import QuantLinear, set_quant_state
 from ..utils import dist
+from .base import BlockForward, BlockJob, MemoryNeeds, Method, plain_outputs, register, weight_error
 from .gptq import GPTQConfig, accumulate_hessian, gptq_solve
-from .rtn import rtn_quantize
 
 log = logging.getLogger(__name__)
-
-BlockForward = Callable[[torch.Tensor, dict], torch.Tensor]
-
-
-def weight_error(w: torch.Tensor, qt: QuantizedTensor) -> float:
-    """Relative squared error ``‖W − Ŵ‖² / ‖W‖²`` of a frozen weight."""
-    w = w.detach().float()
-    return float((w - qt.dequantize().to(w.device)).pow(2).sum() / w.pow(2).sum().clamp(min=1e-30))
-
-
-def rtn_block(qlinears: dict[str, QuantLinear], **_: object) -> dict[str, dict]:
-    """Round-to-nearest every layer (LWC logits, if any, are applied as they stand)."""
-    stats = {}
-    for name, q in qlinears.items():
-        if q.weight_quantizer is None:
-            continue
-        qt = q.freeze(None if not q.weight_quantizer.is_plain else rtn_quantize(q.weight, q.weight_quantizer.spec))
-        stats[name] = {"weight_rel_err": weight_error(q.weight, qt)}
-    return stats
 
 
 @torch.no_grad()
@@ -161,3 +139,16 @@ def gptq_start_block(block: nn.Module, qlinears: dict[str, QuantLinear], inputs:
         q.weight_quantizer.set_start(latent, qt.scale, qt.zero)
         stats[name] = {"gptq_loss": loss}
     return stats
+
+
+def run_gptq(job: BlockJob, cfg: GPTQConfig) -> tuple[dict, list[torch.Tensor]]:
+    """The GPTQ block driver: full-precision outputs, then every layer solved from its Hessian."""
+    fp_out = plain_outputs(job)
+    if not job.weight:
+        return {"layers": {}}, fp_out
+    return {"layers": gptq_block(job.block, job.qlinears, job.hidden, job.kwargs, job.forward, cfg)}, fp_out
+
+
+GPTQ = register(Method("gptq", run_gptq, options=GPTQConfig, default=lambda act: GPTQConfig(),
+                       needs=lambda cfg: MemoryNeeds(gptq=True, hessian_budget=cfg.hessian_mb * 2**20),
+                       v1_key="gptq", summary="GPTQ (Hessian-based error compensation)"))
