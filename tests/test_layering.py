@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "bitsmith"
-ORDER = ["errors", "utils", "formats", "nn", "transforms", "algorithms", "config", "models", "checkpoint", "pipeline",
-         "data", "eval", "export", "cli"]
+ORDER = ["version", "errors", "utils", "formats", "nn", "transforms", "algorithms", "config", "models", "checkpoint", "pipeline",
+         "data", "eval", "export", "plan", "run", "cli"]
 # what each layer may import from bitsmith (besides itself); errors and utils are usable by all
 ALLOWED = {
+    "version": set(),
     "errors": set(),
     "utils": set(),
     "formats": set(),
@@ -26,7 +27,10 @@ ALLOWED = {
     "data": set(),
     "eval": set(),
     "export": {"formats", "nn", "transforms", "algorithms", "config", "models", "data", "eval"},
-    "cli": set(ORDER) | {"__version__"},
+    "plan": {"formats", "nn", "algorithms", "config", "models", "pipeline", "data", "eval", "export"},
+    "run": {"formats", "nn", "algorithms", "config", "models", "checkpoint", "pipeline", "data", "eval", "export",
+            "plan", "version"},
+    "cli": set(ORDER),
 }
 
 

@@ -1,4 +1,4 @@
-"""Streaming from disk (models/streaming.py, export/shards.py, cli/scale.py).
+"""Streaming from disk (models/streaming.py, export/shards.py, plan.py, run.py).
 
 A streamed run reads one block at a time from the safetensors files and writes the output shard by shard; its
 output must equal a run on the loaded model bit for bit (tensors, packed codes, config, perplexity), load in

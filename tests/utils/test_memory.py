@@ -92,10 +92,10 @@ def test_sizes_parse_with_decimal_and_binary_units():
 
 
 def test_max_memory_names_the_compute_device_or_both_pools():
-    assert parse_max_memory("2GiB", accelerator=False).host == 2 * 2**30
-    assert parse_max_memory("2GiB", accelerator=True).device == 2 * 2**30
-    limits = parse_max_memory("cpu=8GiB,0=70GiB", accelerator=True)
+    assert parse_max_memory("2GiB").resolve(accelerator=False).host == 2 * 2**30
+    assert parse_max_memory("2GiB").resolve(accelerator=True).device == 2 * 2**30
+    limits = parse_max_memory("cpu=8GiB,0=70GiB").resolve(accelerator=True)
     assert (limits.host, limits.device) == (8 * 2**30, 70 * 2**30)
-    assert parse_max_memory("cpu=8GiB,device=2GiB", accelerator=False).host == 2 * 2**30  # one pool: the tighter
+    assert parse_max_memory("cpu=8GiB,device=2GiB").resolve(accelerator=False).host == 2 * 2**30  # one pool
     with pytest.raises(UsageError, match="unknown key 'disk'"):
-        parse_max_memory("disk=1GB", accelerator=False)
+        parse_max_memory("disk=1GB")

@@ -10,11 +10,12 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from .. import __version__
 from ..errors import BitsmithError, UsageError
+from ..version import __version__
 from . import scale
 
 log = logging.getLogger("bitsmith.cli")
@@ -180,7 +181,7 @@ def _method_options(args: argparse.Namespace, base: dict[str, Any]) -> None:
     if m.options is None:
         base["options"] = None
         return
-    opts = dict(given or dataclasses.asdict(m.default(_quantizes_activations(args))))
+    opts = dict(given or dataclasses.asdict(m.default(base.get("act") is not None)))
     if m.v1_key == "gptq":
         _apply(opts, args, [(f, f) for f in GPTQ_FLAGS])
     elif m.v1_key == "omniquant":
@@ -217,14 +218,6 @@ def _reconstruct_flags(args: argparse.Namespace, rec: dict[str, Any]) -> None:
     _apply(rec["gptq"], args, [(f, f) for f in GPTQ_FLAGS])
 
 
-def _quantizes_activations(args: argparse.Namespace) -> bool:
-    """Whether the flags ask for quantized activations: ``--abits`` below 16, or a float ``--aformat`` (FP8 has
-    its own width)."""
-    if args.abits is not None:
-        return args.abits < 16
-    return args.aformat not in (None, "int")
-
-
 def config_from_args(args: argparse.Namespace):
     """Build the QuantConfig: recipe file values, overridden by flags given on the command line."""
     from ..config import QuantConfig
@@ -243,7 +236,6 @@ def config_from_args(args: argparse.Namespace):
             base["lorc_bits"] = None
     if args.lorc_bits is not None:
         base["lorc_bits"] = None if args.lorc_bits == 16 else args.lorc_bits
-    _method_options(args, base)
     weight_flags = (args.wbits, args.wformat, args.group_size, args.sym, args.scale_constraint)
     if not args.recipe or any(v is not None for v in weight_flags):
         wfmt = args.wformat or "int"
@@ -262,152 +254,29 @@ def config_from_args(args: argparse.Namespace):
         kbits = args.kvbits if args.kvbits is not None else (16 if kfmt == "int" else None)
         spec = _spec_from_flags(kbits, kfmt, None, False, "none", True)
         base["kv"] = None if spec is None else spec.to_dict()
+    _method_options(args, base)  # after the specs: the default depends on whether activations are quantized
     return QuantConfig.from_dict(base)
 
 
 # ---- commands ------------------------------------------------------------------------------------------
-def _evaluate(model, tokenizer, names: list[str], seqlen: int, limit: int | None, batch_size: int,
-              device, data_dir, progress: bool) -> dict[str, float]:
-    from ..data import eval_token_limit, eval_windows, load_tokens
-    from ..eval.perplexity import model_forward, perplexity
+def run_options(args: argparse.Namespace):
+    """The run options (:class:`bitsmith.run.RunOptions`) from the flags of ``bitsmith quantize``."""
+    from ..run import RunOptions
 
-    model.to(device)
-    out = {}
-    for name in names:
-        tokens = load_tokens(name, "test", tokenizer=tokenizer, data_dir=data_dir,
-                             max_tokens=eval_token_limit(name, seqlen))
-        windows = eval_windows(tokens, seqlen, limit)
-        out[name] = perplexity(model_forward(model), windows, batch_size=batch_size, device=device,
-                               progress=progress)
-        log.info("%s perplexity: %.4f (%d windows of %d tokens)", name, out[name], windows.shape[0], seqlen)
-    return out
-
-
-def _check_seqlen(model, seqlen: int) -> None:
-    from ..models import model_context_length
-
-    ctx = model_context_length(model.config)
-    if seqlen > ctx:
-        raise UsageError(f"seqlen {seqlen} is larger than the model's context of {ctx} tokens; use --seqlen ≤ {ctx}")
+    return RunOptions(device=args.device, stream=args.stream, max_memory=scale.parse_max_memory(args.max_memory),
+                      max_memory_text=args.max_memory, offload_dir=args.offload_dir,
+                      max_shard_bytes=scale.parse_size(args.max_shard_size, "--max-shard-size"), pack=args.pack,
+                      resume=args.resume, overwrite=args.overwrite, ppl=tuple(_split(args.ppl)),
+                      ppl_limit=args.ppl_limit, data_dir=args.data_dir, progress=not args.quiet)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    import time
+    from ..run import quantize
 
-    import torch
-
-    from ..data import calibration_samples
-    from ..export.hf import check_output_dir, save_quantized
-    from ..models import get_architecture, load_model
-    from ..models.kvcache import disable_kv_quant
-    from ..pipeline import quantize_model
-    from ..utils import dist
-    from ..utils.device import resolve_device
-
-    t_start = time.perf_counter()
-    config = config_from_args(args)
-    dist.check_shardable(config.nsamples, config.batch_size, dist.env_world_size())  # torchrun: global batches
-    check_output_dir(args.output, args.overwrite)
-    device = dist.init_from_env(resolve_device(args.device))  # torchrun: join the process group, pick a device
-    run = scale.ScaleRun(args, device)  # memory meter (baseline RSS) and limits, from here on
-    model, tokenizer = run.open_model(args.model)  # streamed from disk (meta skeleton) or loaded whole
-    arch = get_architecture(model)
-    _check_seqlen(model, config.seqlen)
-    if config.weight is not None:
-        for name, lin in _block_linears(model, arch):
-            config.weight.validate_for(lin.in_features, name)
-    if config.lorc_rank:
-        from ..algorithms.lorc import check_rank
-
-        for name, lin in _block_linears(model, arch):
-            check_rank(config.lorc_rank, lin.out_features, lin.in_features, name)
-    run.check_memory(config, model, arch)  # a block that cannot fit fails here; activation placement decided
-    calib = calibration_samples(config.calib, tokenizer, config.nsamples, config.seqlen, seed=config.seed,
-                                data_dir=args.data_dir, order=config.calib_order)
-    torch.manual_seed(config.seed)
-    ckpt = _checkpoint(args, config, calib)
-    sizes = _size_summary(config, model, arch)  # before quantizing: block linears are still plain nn.Linear
-    result = quantize_model(model, arch, config, calib, device, progress=not args.quiet, checkpoint=ckpt,
-                            **run.pipeline_kwargs(ckpt.folder))
-    writes = dist.is_main()
-    dist.teardown()  # torchrun: the ranks agree on every weight now; rank 0 alone evaluates and writes
-    if not writes:
-        return 0
-    report: dict[str, Any] = {
-        "bitsmith_version": __version__, "source_model": str(Path(args.model).resolve()),
-        "label": config.label, "recipe": config.to_dict(), "seconds": round(result.seconds, 3),
-        "cpu_seconds": round(result.cpu_seconds, 3),
-        "blocks": result.blocks, **sizes,
-        **({"end_to_end": result.end_to_end} if result.end_to_end else {}),
-    }
-    names = _split(args.ppl)
-
-    def amend(folder):  # once the weights are written: streamed --ppl on them, then the run's memory peaks
-        ppl = {} if not names or run.source is None else {"ppl": run.streamed_ppl(
-            folder, names, config.seqlen, args.ppl_limit, config.to_dict(), not args.quiet)}
-        return {**ppl, **run.report()}  # peak host RSS / accelerator memory overall, streaming and memory plan
-
-    if names and run.source is None:
-        report["ppl"] = _evaluate(model, tokenizer, names, config.seqlen, args.ppl_limit, 1, device,
-                                  args.data_dir, not args.quiet)
-        model.to("cpu")
-    disable_kv_quant(model, arch)  # the saved folder is a plain HF model; bitsmith.json records the KV spec
-    report["total_seconds"] = round(time.perf_counter() - t_start, 3)
-    from ..eval.report import write_reports
-
-    writer = write_reports
-    if getattr(args, "pack", False) and run.source is None:  # (streamed: packed block by block already)
-        from ..export.packed import save_packed
-
-        def writer(folder, body):
-            write_reports(folder, body)
-            save_packed(model, result.frozen, result.lorc, folder)
-    save_quantized(model, tokenizer, args.output, report, overwrite=args.overwrite, extra_writer=writer,
-                   streamed=run.streamed, amend=amend)
-    ckpt.remove()
-    _print_summary(config.label, result.blocks, report.get("ppl"), result.seconds, run.meter.summary())
+    report = quantize(args.model, config_from_args(args), args.output, run_options(args))
+    if report:  # torchrun: only rank 0 writes and reports
+        _print_summary(report["label"], report["blocks"], report.get("ppl"), report["seconds"], report.get("memory"))
     return 0
-
-
-def _checkpoint(args: argparse.Namespace, config, calib):
-    """The run's checkpoint folder ``OUTPUT.partial``: resumed with --resume, replaced with --overwrite."""
-    from ..checkpoint import Checkpoint, fingerprint
-    from ..utils import dist
-
-    out = Path(args.output)
-    folder = out.with_name(out.name + ".partial")
-    ckpt = Checkpoint(folder, fingerprint({"recipe": config.to_dict(), "model": str(Path(args.model).resolve())},
-                                          calib))
-    if folder.exists() and not args.resume:
-        if not args.overwrite:
-            raise UsageError(f"an interrupted run left {folder}; pass --resume to continue it or --overwrite "
-                             "to start over")
-        if dist.is_main():  # torchrun: one rank removes it; quantize_model waits for it
-            ckpt.remove()
-    if args.resume and not folder.exists():
-        log.warning("--resume: no checkpoint at %s; starting from the first block", folder)
-    return ckpt
-
-
-def _size_summary(config, model, arch) -> dict[str, Any]:
-    """Bits per weight and size estimate (``report.json``): per block linear, codes + one fp16 scale per group
-    (one per tensor for per-tensor) + one zero per group at the code width (asymmetric INT) + LoRC factors."""
-    from ..algorithms.lorc import lorc_extra_bits
-    from ..eval.report import size_summary
-    from ..formats.packing import storage_bits
-
-    rows = []
-    for name, lin in _block_linears(model, arch):
-        out_f, in_f, spec = lin.out_features, lin.in_features, config.weight
-        if spec is None:
-            rows.append((name, out_f * in_f, storage_bits(out_f * in_f, 16, 0)))
-            continue
-        n_scales = 1 if spec.granularity.kind == "tensor" else out_f * spec.granularity.n_groups(in_f)
-        n_zeros = n_scales if spec.format.has_zero_point else 0
-        extra = lorc_extra_bits(out_f, in_f, config.lorc_rank, config.lorc_bits) if config.lorc_rank else 0
-        rows.append((name, out_f * in_f, storage_bits(out_f * in_f, spec.format.bits, n_scales, 16, n_zeros,
-                                                      spec.format.bits if n_zeros else 0, extra)))
-    return size_summary(rows, sum(p.numel() for p in model.parameters()))
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -417,20 +286,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _block_linears(model, arch):
-    from ..models import find_linears, get_blocks
-
-    for i, block in enumerate(get_blocks(model, arch)):
-        for name, lin in find_linears(block).items():
-            yield f"{arch.layers}.{i}.{name}", lin
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..export.hf import read_report
     from ..formats import spec_from_dict
     from ..models import get_architecture, load_model
     from ..models.kvcache import enable_kv_quant
     from ..pipeline import apply_activation_quant
+    from ..run import check_seqlen, evaluate
     from ..utils.device import resolve_device
 
     if args.seqlen < 2:
@@ -450,7 +312,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model, tokenizer = load_model(args.model)
     if names:
-        _check_seqlen(model, args.seqlen)
+        check_seqlen(model, args.seqlen)
     report = read_report(args.model)
     recipe = (report or {}).get("recipe", {})
     if recipe.get("act"):
@@ -465,8 +327,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                        batch_size=args.batch_size, tasks_dir=args.tasks_dir, device=device)
         body.update(num_fewshot=args.num_fewshot, limit=args.limit)
     if names:
-        body["ppl"] = _evaluate(model, tokenizer, names, args.seqlen, args.limit, args.batch_size, device,
-                                args.data_dir, not args.quiet)
+        body["ppl"] = evaluate(model, tokenizer, names, args.seqlen, args.limit, args.batch_size, device,
+                               args.data_dir, not args.quiet)
         body["seqlen"] = args.seqlen
     if args.json:
         Path(args.json).write_text(json.dumps(body, indent=2) + "\n")

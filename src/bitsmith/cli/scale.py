@@ -1,31 +1,15 @@
-"""``bitsmith quantize`` at scale: streaming from disk, the memory plan checked before calibration, activation
-offload, and the memory/time accounting of a run (see docs/scale.md).
-
-:class:`ScaleRun` is created at the start of ``cmd_quantize`` (its :class:`~bitsmith.utils.memory.MemoryMeter`
-takes the baseline RSS there), opens the model (streamed or loaded), checks that one block fits the memory limit
-and decides where the calibration activations live, hands the pipeline its streaming arguments, evaluates
-perplexity on the written output when streaming, and adds ``"memory"`` and ``"scale"`` to the report.
-"""
+"""The scale flags of ``bitsmith quantize`` (streaming, memory budget, offload, shard size) and their parsing;
+the decisions themselves live in :mod:`bitsmith.plan`."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import re
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
-from ..errors import ResourceError
-
-if TYPE_CHECKING:
-    import torch
-
-log = logging.getLogger("bitsmith.cli")
+from ..plan import MemoryLimits
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-STREAM_FRACTION = 0.5  # stream when the loaded model would take more than this share of the host budget
 
 
 def add_arguments(q: argparse.ArgumentParser) -> None:
@@ -56,24 +40,15 @@ def parse_size(text: str, flag: str) -> int:
     return value
 
 
-@dataclass(frozen=True)
-class MemoryLimits:
-    """Budgets in bytes (None: what is free). On the CPU both name the same pool, host RAM."""
-
-    device: int | None = None
-    host: int | None = None
-
-
-def parse_max_memory(text: str | None, accelerator: bool) -> MemoryLimits:
+def parse_max_memory(text: str | None) -> MemoryLimits:
     """``SIZE`` (the compute device; host RAM on the CPU) or ``cpu=SIZE,device=SIZE`` (``0=SIZE`` as in
-    accelerate means the device) → :class:`MemoryLimits`."""
+    accelerate means the device) → :class:`~bitsmith.plan.MemoryLimits`."""
     from ..errors import UsageError
 
     if not text:
         return MemoryLimits()
     if "=" not in text:
-        size = parse_size(text, "--max-memory")
-        return MemoryLimits(device=size if accelerator else None, host=None if accelerator else size)
+        return MemoryLimits(compute=parse_size(text, "--max-memory"))
     device = host = None
     for item in text.split(","):
         key, _, value = item.partition("=")
@@ -84,203 +59,4 @@ def parse_max_memory(text: str | None, accelerator: bool) -> MemoryLimits:
             device = parse_size(value, "--max-memory device")
         else:
             raise UsageError(f"--max-memory: unknown key {key!r}; use SIZE or cpu=SIZE,device=SIZE")
-    if not accelerator:  # one pool on the CPU: the tighter budget applies
-        host = min(x for x in (host, device) if x is not None)
-        device = None
     return MemoryLimits(device=device, host=host)
-
-
-def _floating_bytes(source_meta: dict[str, tuple[str, tuple[int, ...]]], elem: int) -> int:
-    """Bytes of a checkpoint once loaded with floating tensors at ``elem`` bytes (integers as stored)."""
-    sizes = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-    total = 0
-    for dtype, shape in source_meta.values():
-        n = 1
-        for d in shape:
-            n *= d
-        total += n * (elem if dtype.startswith(("F", "BF")) else sizes.get(dtype, 4))
-    return total
-
-
-class ScaleRun:
-    """One ``quantize`` run's scale decisions and accounting (see the module docstring)."""
-
-    def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
-        from ..utils.device import is_accelerator
-        from ..utils.memory import MemoryMeter, available_host_bytes
-
-        self.args = args
-        self.device = device
-        self.accelerator = is_accelerator(device)
-        self.meter = MemoryMeter(device)
-        self.limits = parse_max_memory(args.max_memory, self.accelerator)
-        self.max_shard = parse_size(args.max_shard_size, "--max-shard-size")
-        self.host_budget = self.limits.host or available_host_bytes()
-        self.source = None  # StreamingModel when streaming
-        self.streamed = None  # StreamedRun once quantizing
-        self.placement = "device"
-        self.plan: dict[str, Any] = {}
-
-    # ---- the model: streamed or loaded --------------------------------------------------------------------------
-    def open_model(self, path: str):
-        """``(model, tokenizer)``: a meta skeleton streamed from disk, or the whole model (logged either way)."""
-        from ..models import ModelError, load_model
-        from ..models.streaming import StreamingModel, WeightIndex
-        from ..utils.memory import format_bytes
-
-        want = self.args.stream
-        if want is None:
-            try:
-                need = _floating_bytes(WeightIndex(path).meta, 4)
-            except ModelError:  # no safetensors (or a bad folder): load_model reports it or loads .bin files
-                need = None
-            want = need is not None and need > STREAM_FRACTION * self.host_budget
-            if need is not None:
-                log.info("model needs %s loaded, host budget %s: %s", format_bytes(need),
-                         format_bytes(self.host_budget),
-                         "streaming it from disk block by block" if want else "loading it whole (--stream to stream)")
-        if not want:
-            return load_model(path)
-        self.source = StreamingModel(path)
-        log.info("streaming %s: %s on disk, one block (%s) in memory at a time", path,
-                 format_bytes(self.source.index.file_bytes), format_bytes(self.source.module_bytes(
-                     self.source.block_prefix(0))))
-        return self.source.model, self.source.tokenizer
-
-    # ---- the memory plan ------------------------------------------------------------------------------------------
-    def check_memory(self, config, model, arch) -> None:
-        """Fail now if one block cannot fit the limit; decide where the calibration activations live (logged)."""
-        import torch
-
-        from ..algorithms import get_method
-        from ..models import find_linears, geometry, get_blocks
-        from ..utils import dist
-        from ..utils.memory import (
-            accelerator_memory,
-            activation_set_bytes,
-            activation_sets,
-            block_need,
-            format_bytes,
-        )
-
-        geom = geometry(model.config, arch)
-        elem = torch.empty((), dtype=next(model.parameters()).dtype).element_size()
-        needs = get_method(config.method).needs(config.options)  # the method says what it keeps alive
-        gran = getattr(config.weight, "granularity", None) if config.weight is not None else None
-        worst: tuple[int, dict[str, int]] = (-1, {})
-        for i, block in enumerate(get_blocks(model, arch)):
-            lins = find_linears(block)
-            linears = [(lin.out_features, lin.in_features) for lin in lins.values()] if config.weight else []
-            parts = block_need(
-                weight_bytes=sum(p.numel() * elem for p in block.parameters()), linears=linears,
-                hidden=geom.hidden, intermediate=max([o for o, _ in linears] + [geom.hidden]), heads=geom.heads,
-                batch=config.batch_size * needs.batch, seqlen=config.seqlen, elem=elem, gptq=needs.gptq,
-                trained=needs.trained, rounding=needs.rounding, group_size=getattr(gran, "group_size", None),
-                collected_tokens=needs.collected_tokens, hessian_budget=needs.hessian_budget)
-            if sum(parts.values()) > sum(worst[1].values()):
-                worst = (i, parts)
-        index, parts = worst
-        need = sum(parts.values())
-        ranks = max(1, dist.env_world_size())  # torchrun: each rank holds its share of the samples
-        acts = activation_sets(needs.trained, needs.aug_loss) * activation_set_bytes(
-            -(-config.nsamples // ranks), config.seqlen, geom.hidden, elem)
-        resident_host = 0 if self.source is not None else sum(p.numel() * elem for p in model.parameters())
-        if self.accelerator:
-            free = accelerator_memory(self.device)
-            limit = self.limits.device or (free[0] if free else None)
-            host_left = self.host_budget - resident_host
-        else:
-            limit = self.host_budget - resident_host
-            host_left = limit
-        detail = ", ".join(f"{k} {format_bytes(v)}" for k, v in parts.items() if v)
-        self.plan = {"block": index, "block_need_mb": round(need / 2**20, 1), "block_need_parts_mb":
-                     {k: round(v / 2**20, 1) for k, v in parts.items()}, "activations_mb": round(acts / 2**20, 1),
-                     "limit_mb": None if limit is None else round(limit / 2**20, 1)}
-        if limit is not None and need > limit:
-            where = "device" if self.accelerator else "host"
-            fix = ("raise --max-memory, use a device with more memory, or lower --batch-size/--seqlen"
-                   if self.source is not None or self.accelerator else
-                   "pass --stream (the whole model is loaded now), raise --max-memory, or lower --batch-size/--seqlen")
-            raise ResourceError(f"block {index} needs ~{format_bytes(need)} ({detail}) but the {where} limit is "
-                             f"{format_bytes(max(limit, 0))}; {fix}")
-        self.placement = self._place(need, acts, limit, host_left)
-        self.plan["activations"] = self.placement
-        log.info("memory plan: block %d needs ~%s (%s); calibration activations ~%s → %s", index,
-                 format_bytes(need), detail, format_bytes(acts),
-                 {"device": "kept on the compute device", "host": "offloaded to host memory",
-                  "disk": f"offloaded to {self.args.offload_dir}"}[self.placement])
-
-    def _place(self, need: int, acts: int, limit: int | None, host_left: int) -> str:
-        from ..utils.memory import format_bytes
-
-        if limit is None or need + acts <= limit:
-            return "device"
-        if self.accelerator and acts <= host_left:
-            return "host"
-        if self.args.offload_dir:
-            return "disk"
-        raise ResourceError(f"calibration activations need ~{format_bytes(acts)} beside the block's "
-                         f"~{format_bytes(need)}, more than the {format_bytes(max(limit, 0))} limit"
-                         + ("" if not self.accelerator else " and the host memory left")
-                         + "; pass --offload-dir DIR, lower --nsamples/--seqlen, or raise --max-memory")
-
-    # ---- quantizing, evaluating, saving -----------------------------------------------------------------------------
-    def pipeline_kwargs(self, checkpoint_folder: Path) -> dict[str, Any]:
-        """Keyword arguments for :func:`bitsmith.pipeline.quantize_model`."""
-        if self.source is not None:
-            from ..export.shards import ShardWriter, StreamedRun
-
-            writer = ShardWriter(Path(checkpoint_folder) / "shards", self.max_shard)
-            self.streamed = StreamedRun(self.source, writer, pack=bool(getattr(self.args, "pack", False)))
-            self.source.load_front()
-        return {"stream": self.streamed, "meter": self.meter, "offload": self.placement,
-                "offload_dir": self.args.offload_dir}
-
-    def streamed_ppl(self, folder: Path, names: list[str], seqlen: int, limit: int | None, recipe: dict,
-                     progress: bool) -> dict[str, float]:
-        """Perplexity of the written output ``folder``, streamed block by block again (the quantized model is not
-        in memory); activation/KV quantization from ``recipe`` re-applied as ``bitsmith eval`` does."""
-        from ..data import eval_token_limit, eval_windows, load_tokens
-        from ..eval.perplexity import perplexity
-        from ..formats import spec_from_dict
-        from ..models.kvcache import enable_kv_quant
-        from ..models.streaming import StreamingModel, streamed_logits
-        from ..pipeline import apply_activation_quant
-
-        out = {}
-        for name in names:
-            source = StreamingModel(folder)
-            if recipe.get("act"):
-                apply_activation_quant(source.model, source.arch, spec_from_dict(recipe["act"]))
-            if recipe.get("kv"):
-                enable_kv_quant(source.model, source.arch, spec_from_dict(recipe["kv"]))
-            tokens = load_tokens(name, "test", tokenizer=source.tokenizer, data_dir=self.args.data_dir,
-                                 max_tokens=eval_token_limit(name, seqlen))
-            windows = eval_windows(tokens, seqlen, limit)
-            replay = _Replay(windows, streamed_logits(source, windows, self.device, batch_size=1))
-            out[name] = perplexity(replay, windows, batch_size=1, progress=progress)
-            log.info("%s perplexity: %.4f (%d windows of %d tokens, streamed)", name, out[name], windows.shape[0],
-                     seqlen)
-        return out
-
-    def report(self) -> dict[str, Any]:
-        """``"memory"`` (overall peaks since the run started, MiB) and ``"scale"`` (streaming, plan) for the report."""
-        return {"memory": self.meter.summary(),
-                "scale": {"streamed": self.source is not None, "max_memory": self.args.max_memory, **self.plan}}
-
-
-class _Replay:
-    """A perplexity ``forward`` that hands out logits computed beforehand, batch by batch, checking each batch is
-    the one they were computed for."""
-
-    def __init__(self, windows: torch.Tensor, logits) -> None:
-        self.windows, self.logits, self.next = windows, logits, 0
-
-    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        import torch
-
-        expected = self.windows[self.next : self.next + ids.shape[0]]
-        if not torch.equal(ids.cpu(), expected):
-            raise RuntimeError("streamed perplexity: batches out of order")
-        self.next += ids.shape[0]
-        return next(self.logits)
