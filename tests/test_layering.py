@@ -143,3 +143,15 @@ def test_library_never_prints():
         calls = [n for n in ast.walk(ast.parse(f.read_text()))
                  if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "print"]
         assert not calls, f"{f.relative_to(SRC)} calls print()"
+
+
+def test_functions_stay_short():
+    """No function over 60 lines (STYLE.md), Triton kernels (nn/kernels) excepted."""
+    long = []
+    for f in SRC.rglob("*.py"):
+        if "kernels" in f.parts:
+            continue
+        for n in ast.walk(ast.parse(f.read_text())):
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 60:
+                long.append(f"{f.relative_to(SRC)}::{n.name} ({n.end_lineno - n.lineno + 1} lines)")
+    assert not long, "functions over 60 lines: " + ", ".join(long)

@@ -33,8 +33,8 @@ from .models import (
     norm_parameters,
     split_experts,
 )
-from .models.kvcache import enable_kv_quant
 from .models.edges import let_edges
+from .models.kvcache import enable_kv_quant
 from .models.moe import expert_index
 from .models.streaming import BlockStream
 from .nn import QuantLinear, quant_linears, set_quant_state, to_fake
@@ -236,15 +236,7 @@ def quantize_model(model: nn.Module, arch: Architecture, config: QuantConfig, ca
     start, cpu_start = time.perf_counter(), time.process_time()
     split_experts(model, arch)  # MoE: every expert's projections become linears (a no-op when already split)
     calib, local_batch = dist.shard_samples(calib, config.batch_size)  # this rank's share (all of it alone)
-    dist.barrier()  # rank 0 may have just replaced the checkpoint folder (--overwrite)
-    done = checkpoint.blocks_done() if checkpoint is not None else 0
-    if dist.sum_scalars([done])[0] != done * dist.world_size():  # also: all have read it before rank 0 resets it
-        raise CheckpointError(f"the processes see different checkpoints in {checkpoint.folder}; put the output on a "
-                         "file system every process sees")
-    if checkpoint is not None and done == 0 and dist.is_main():
-        checkpoint.reset()
-    elif done:
-        log.warning("resuming: %d finished blocks restored from %s", done, checkpoint.folder)
+    done = _resume_point(checkpoint)
     if config.kv is not None:  # before capture: the attention masks depend on the attention implementation
         enable_kv_quant(model, arch, config.kv)
     check_finite_weights(model)
@@ -266,37 +258,70 @@ def quantize_model(model: nn.Module, arch: Architecture, config: QuantConfig, ca
             block = stream.load(i)
         home = next(block.parameters()).device
         block.to(device)
-        prefix = f"{arch.layers}.{i}"
-        if i < done:
-            stats, hidden, fp_out = _restore_block(block, config, checkpoint, i, hidden, inputs.block_kwargs(i),
-                                                   fp_hidden, result)
-        else:
-            stats, hidden, fp_out = quantize_block(block, config, hidden, inputs.block_kwargs(i), fp_hidden, arch,
-                                                   model.config, name=f"block {i}", index=i)
-            lorc = collect_factors(block, prefix)
-            frozen = finalize_block(block, prefix)
-            result.lorc.update(lorc)
-            result.frozen.update(frozen)
-            if checkpoint is not None and dist.is_main():
-                checkpoint.save_block(i, block.state_dict(), frozen, lorc, stats)
+        run = _restore_block if i < done else _quantize_and_finalize
+        stats, hidden, fp_out = run(block, config, checkpoint, i, hidden, inputs.block_kwargs(i), fp_hidden, result,
+                                    arch, model.config)
         if fp_hidden is not None:
             fp_hidden = fp_out
-        block.to(home)
-        if stream is not None:
-            stream.done(i, block, result)
-        empty_cache(device)
+        _release(block, home, stream, i, result, device)
         result.blocks.append({"block": i, **stats, "seconds": time.perf_counter() - t0,
                               "peak_memory_mb": peak_memory_bytes(device) / 2**20, **meter.stop()})
         bar.set_postfix(mse=f"{stats['output_mse']:.3g}")
         log.debug("block %d: output MSE %.4g", i, stats["output_mse"])
-    rc = config.learned()
-    e2e = rc.end_to_end() if rc is not None else None
+    e2e = _e2e_config(config)
     if e2e is not None:
         result.end_to_end = _end_to_end(model, arch, calib, fp_hidden, device, e2e, streamed=stream is not None)
     result.seconds = time.perf_counter() - start
     result.cpu_seconds = time.process_time() - cpu_start
     result.memory = meter.summary()
     return result
+
+
+def _e2e_config(config: QuantConfig) -> EndToEndConfig | None:
+    """The end-to-end stage of a trained method's recipe (None: no such stage)."""
+    rc = config.learned()
+    return rc.end_to_end() if rc is not None else None
+
+
+def _release(block: nn.Module, home: torch.device, stream: BlockStream | None, i: int, result: QuantResult,
+             device: torch.device) -> None:
+    """A finished block back where it lived (streamed: handed to the writer); the device cache emptied."""
+    block.to(home)
+    if stream is not None:
+        stream.done(i, block, result)
+    empty_cache(device)
+
+
+def _resume_point(checkpoint: Checkpoint | None) -> int:
+    """How many finished blocks ``checkpoint`` holds (the same on every rank; a fresh checkpoint is reset)."""
+    dist.barrier()  # rank 0 may have just replaced the checkpoint folder (--overwrite)
+    done = checkpoint.blocks_done() if checkpoint is not None else 0
+    if dist.sum_scalars([done])[0] != done * dist.world_size():  # also: all have read it before rank 0 resets it
+        raise CheckpointError(f"the processes see different checkpoints in {checkpoint.folder}; put the output on a "
+                              "file system every process sees")
+    if checkpoint is not None and done == 0 and dist.is_main():
+        checkpoint.reset()
+    elif done:
+        log.warning("resuming: %d finished blocks restored from %s", done, checkpoint.folder)
+    return done
+
+
+def _quantize_and_finalize(block: nn.Module, config: QuantConfig, checkpoint: Checkpoint | None, i: int,
+                           hidden: list[torch.Tensor], kwargs: list[dict], fp_hidden: list[torch.Tensor] | None,
+                           result: QuantResult, arch: Architecture, model_config
+                           ) -> tuple[dict, list[torch.Tensor], list[torch.Tensor]]:
+    """Quantize block ``i``, replace its QuantLinears by their deployable form, record its codes and LoRC factors
+    in ``result`` and (rank 0) in ``checkpoint``."""
+    prefix = f"{arch.layers}.{i}"
+    stats, hidden, fp_out = quantize_block(block, config, hidden, kwargs, fp_hidden, arch, model_config,
+                                           name=f"block {i}", index=i)
+    lorc = collect_factors(block, prefix)
+    frozen = finalize_block(block, prefix)
+    result.lorc.update(lorc)
+    result.frozen.update(frozen)
+    if checkpoint is not None and dist.is_main():
+        checkpoint.save_block(i, block.state_dict(), frozen, lorc, stats)
+    return stats, hidden, fp_out
 
 
 def _end_to_end(model: nn.Module, arch: Architecture, calib: torch.Tensor, fp_last: list[torch.Tensor],
@@ -332,7 +357,7 @@ def _end_to_end(model: nn.Module, arch: Architecture, calib: torch.Tensor, fp_la
 
 def _restore_block(block: nn.Module, config: QuantConfig, checkpoint: Checkpoint, index: int,
                    hidden: list[torch.Tensor], kwargs: list[dict], fp_hidden: list[torch.Tensor] | None,
-                   result: QuantResult) -> tuple[dict, list[torch.Tensor], list[torch.Tensor] | None]:
+                   result: QuantResult, *_: object) -> tuple[dict, list[torch.Tensor], list[torch.Tensor] | None]:
     """Load a finished block from ``checkpoint`` into ``block`` (still full precision) and recompute its
     outputs: the full-precision chain first (when tracked), then the quantized one."""
     fp_out = _outputs(block, fp_hidden, kwargs) if fp_hidden is not None else None

@@ -151,18 +151,23 @@ class RunPlan:
                      {k: round(v / 2**20, 1) for k, v in parts.items()}, "activations_mb": round(acts / 2**20, 1),
                      "limit_mb": None if limit is None else round(limit / 2**20, 1)}
         if limit is not None and need > limit:
-            where = "device" if self.accelerator else "host"
-            fix = ("raise --max-memory, use a device with more memory, or lower --batch-size/--seqlen"
-                   if self.source is not None or self.accelerator else
-                   "pass --stream (the whole model is loaded now), raise --max-memory, or lower --batch-size/--seqlen")
-            raise ResourceError(f"block {index} needs ~{format_bytes(need)} ({detail}) but the {where} limit is "
-                             f"{format_bytes(max(limit, 0))}; {fix}")
+            self._refuse_block(index, need, detail, limit)
         self.placement = self._place(need, acts, limit, host_left)
         self.plan["activations"] = self.placement
         log.info("memory plan: block %d needs ~%s (%s); calibration activations ~%s → %s", index,
                  format_bytes(need), detail, format_bytes(acts),
                  {"device": "kept on the compute device", "host": "offloaded to host memory",
                   "disk": f"offloaded to {self.opts.offload_dir}"}[self.placement])
+
+    def _refuse_block(self, index: int, need: int, detail: str, limit: int) -> None:
+        from .utils.memory import format_bytes
+
+        where = "device" if self.accelerator else "host"
+        fix = ("raise --max-memory, use a device with more memory, or lower --batch-size/--seqlen"
+               if self.source is not None or self.accelerator else
+               "pass --stream (the whole model is loaded now), raise --max-memory, or lower --batch-size/--seqlen")
+        raise ResourceError(f"block {index} needs ~{format_bytes(need)} ({detail}) but the {where} limit is "
+                            f"{format_bytes(max(limit, 0))}; {fix}")
 
     def _place(self, need: int, acts: int, limit: int | None, host_left: int) -> str:
         from .utils.memory import format_bytes

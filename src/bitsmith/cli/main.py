@@ -32,11 +32,17 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..algorithms import method_names
-
     parser = argparse.ArgumentParser(prog="bitsmith", description="Post-training quantization of LLMs.")
     parser.add_argument("--version", action="version", version=f"bitsmith {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    _quantize_parser(sub)
+    _eval_parser(sub)
+    _export_parsers(sub)
+    return parser
+
+
+def _quantize_parser(sub) -> None:
+    from ..algorithms import method_names
 
     q = sub.add_parser("quantize", help="quantize a local Hugging Face model folder")
     q.add_argument("model", help="local model folder (config.json + safetensors)")
@@ -73,6 +79,24 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--lorc-rank", type=int, default=None,
                    help="LoRC low-rank error compensation after the weight algorithm: rank (default 0 = off)")
     q.add_argument("--lorc-bits", type=int, default=None, help="LoRC factor bits: 8 = INT8, 16 = fp16 (default)")
+    _trained_flags(q)
+    q.add_argument("--gguf-mix", default=None, choices=["q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m"],
+                   help="llama.cpp's K-quant mix: with --wformat q4_k/q5_k, attn_v and ffn_down get more bits in "
+                        "the layers llama.cpp gives them (e.g. q4_k_m: Q6_K there)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    q.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from OUTPUT.partial (same settings and data)")
+    q.add_argument("--ppl", default=None, help="after quantizing, evaluate perplexity on these datasets")
+    q.add_argument("--ppl-limit", type=int, default=None, help="evaluate only the first N windows")
+    q.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
+                   help="write the packed codes to packed/quantized.safetensors + packed/quantization.json "
+                        "(default; bitsmith.load and exports read them; --no-pack: only the dense weights)")
+    scale.add_arguments(q)  # --stream, --max-memory, --offload-dir, --max-shard-size
+    _add_common(q)
+
+
+def _trained_flags(q: argparse.ArgumentParser) -> None:
+    """The flags of the trained methods (OmniQuant's, and block reconstruction's for bitsmith/autoround)."""
     o = q.add_argument_group("OmniQuant (defaults: the official code's)")
     o.add_argument("--lwc", action=argparse.BooleanOptionalAction, default=None, help="learnable weight clipping")
     o.add_argument("--let", action=argparse.BooleanOptionalAction, default=None,
@@ -98,20 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--e2e-lr", type=float, default=None, help="end-to-end norm tuning learning rate (bitsmith: 0.05)")
     r.add_argument("--patience", type=int, default=None,
                    help="evaluations without improvement before stopping a block early (default 0 = never)")
-    q.add_argument("--gguf-mix", default=None, choices=["q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m"],
-                   help="llama.cpp's K-quant mix: with --wformat q4_k/q5_k, attn_v and ffn_down get more bits in "
-                        "the layers llama.cpp gives them (e.g. q4_k_m: Q6_K there)")
-    q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    q.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from OUTPUT.partial (same settings and data)")
-    q.add_argument("--ppl", default=None, help="after quantizing, evaluate perplexity on these datasets")
-    q.add_argument("--ppl-limit", type=int, default=None, help="evaluate only the first N windows")
-    q.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
-                   help="write the packed codes to packed/quantized.safetensors + packed/quantization.json "
-                        "(default; bitsmith.load and exports read them; --no-pack: only the dense weights)")
-    scale.add_arguments(q)  # --stream, --max-memory, --offload-dir, --max-shard-size
-    _add_common(q)
 
+
+def _eval_parser(sub) -> None:
     e = sub.add_parser("eval", help="perplexity / lm-eval task accuracy of a model folder or a bitsmith output folder")
     e.add_argument("model")
     e.add_argument("--ppl", default=None,
@@ -127,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", default=None, help="write the results to this JSON file")
     _add_common(e)
 
+
+def _export_parsers(sub) -> None:
+    """``compare`` and ``export``: commands on finished output folders."""
     c = sub.add_parser("compare", help="table and PPL-vs-bits-per-weight plot of several quantize output folders")
     c.add_argument("runs", nargs="+", metavar="RUN_DIR", help="folders written by bitsmith quantize")
     c.add_argument("--output", "-o", default=None, help="write the scatter plot to this PNG (needs matplotlib)")
@@ -143,7 +159,6 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--strict", action="store_true",
                    help="refuse layers the format cannot store instead of leaving them dense")
     _add_common(x)
-    return parser
 
 
 # ---- flags → QuantConfig -----------------------------------------------------------------------------------

@@ -276,11 +276,10 @@ def train_block(forward: BlockForward, groups: list[LearnableGroup], q_inputs: l
     tensors its output must match; ``kwargs[u]``: the block's keyword arguments. Returns ``{"step_losses",
     "eval_losses", "best_step", "steps_run"}``.
     """
-    groups = [g for g in groups if g.parameters()]
-    n_train = len(q_inputs) - cfg.holdout
+    groups, n_train = [g for g in groups if g.parameters()], len(q_inputs) - cfg.holdout
     if n_train < 1:
         raise ConfigError(f"holdout ({cfg.holdout}) leaves no calibration units to train on "
-                         f"({len(q_inputs)} units on this process)")
+                          f"({len(q_inputs)} units on this process)")
     info = {"step_losses": [], "eval_losses": [], "best_step": 0, "steps_run": 0}
     if not groups or cfg.steps == 0:
         return info
@@ -307,19 +306,11 @@ def train_block(forward: BlockForward, groups: list[LearnableGroup], q_inputs: l
         info["eval_losses"].append(evaluate())
         consider(info["eval_losses"][-1], 0)
     for step in range(cfg.steps):
-        opt.zero_grad()
-        loss = batches.loss(sampler.next())
-        loss.backward()
-        value = dist.mean_scalar(float(loss.detach()))  # every rank sees the same value: same decisions
-        if not math.isfinite(value):
-            raise NonFiniteLoss(f"loss {value} at step {step}")
+        value = _loss_and_grad(opt, batches, sampler, step)
         info["step_losses"].append(value)
         if cfg.best == "step":
             consider(value, step)  # the parameters that produced this loss (before the step)
-        dist.average_gradients(params)
-        opt.step()
-        for g in groups:
-            g.project()
+        _apply_step(opt, params, groups)
         info["steps_run"] = step + 1
         if cfg.best == "eval" and ((step + 1) % every == 0 or step + 1 == cfg.steps):
             info["eval_losses"].append(evaluate())
@@ -336,6 +327,25 @@ def train_block(forward: BlockForward, groups: list[LearnableGroup], q_inputs: l
     for p in params:
         p.requires_grad_(False)
     return info
+
+
+def _loss_and_grad(opt: _Optimizers, batches: _Batches, sampler: _Sampler, step: int) -> float:
+    """One mini-batch's loss, back-propagated; its value (the mean over ranks, so every rank decides alike)."""
+    opt.zero_grad()
+    loss = batches.loss(sampler.next())
+    loss.backward()
+    value = dist.mean_scalar(float(loss.detach()))
+    if not math.isfinite(value):
+        raise NonFiniteLoss(f"loss {value} at step {step}")
+    return value
+
+
+def _apply_step(opt: _Optimizers, params: list[torch.Tensor], groups: list[LearnableGroup]) -> None:
+    """Gradients averaged over ranks, one optimizer step, each group projected back onto its domain."""
+    dist.average_gradients(params)
+    opt.step()
+    for g in groups:
+        g.project()
 
 
 def train_with_retry(block_name: str, forward: BlockForward, groups: list[LearnableGroup], *args, **kwargs
