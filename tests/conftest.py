@@ -33,5 +33,17 @@ def engine_python(name: str, env: str) -> str:
 
 
 @pytest.fixture
+def aidreams() -> str:
+    """The real pretrained fixture model aidreams260K (skips without ../shared)."""
+    return str(shared_path("models", "aidreams260K"))
+
+
+@pytest.fixture
+def samples() -> str:
+    """The in-domain pre-tokenized samples of aidreams260K, a split folder (valid/test)."""
+    return str(shared_path("data", "aidreams260K-samples"))
+
+
+@pytest.fixture
 def seeded() -> None:
     torch.manual_seed(0)

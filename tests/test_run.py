@@ -14,17 +14,6 @@ from bitsmith.cli.main import main
 from bitsmith.errors import BitsmithError, ConfigError
 from bitsmith.formats import IntFormat, PerGroup, QuantSpec
 
-from conftest import shared_path
-
-
-@pytest.fixture
-def aidreams():
-    return str(shared_path("models", "aidreams260K"))
-
-
-@pytest.fixture
-def samples():
-    return str(shared_path("data", "aidreams260K-samples"))
 
 
 def _weights(folder) -> dict[str, torch.Tensor]:

@@ -14,16 +14,6 @@ from conftest import shared_path
 from bitsmith.cli.main import main
 
 
-@pytest.fixture
-def aidreams():
-    return str(shared_path("models", "aidreams260K"))
-
-
-@pytest.fixture
-def samples():
-    return str(shared_path("data", "aidreams260K-samples"))
-
-
 def _reference_ppl(model_dir: str, jsonl: str, n: int) -> float:
     """Straightforward transformers computation, independent of bitsmith."""
     from transformers import AutoModelForCausalLM
