@@ -21,7 +21,7 @@ from .algorithms.rtn import rtn_block
 from .checkpoint import Checkpoint
 from .config import QuantConfig
 from .errors import CheckpointError, NumericsError
-from .formats import QuantizedTensor, QuantSpec, fallback_spec, mix_spec
+from .formats import QuantizedTensor, QuantSpec, fallback_spec, mix_spec, spec_from_dict
 from .models import (
     Architecture,
     block_forward,
@@ -369,6 +369,15 @@ def _restore_block(block: nn.Module, config: QuantConfig, checkpoint: Checkpoint
     result.frozen.update(frozen)
     result.lorc.update({n: LoRCFactors(a, b) for n, (a, b) in lorc.items()})
     return stats, _outputs(block, hidden, kwargs), fp_out
+
+
+def apply_recipe_quant(model: nn.Module, arch: Architecture, recipe: dict) -> None:
+    """Re-apply a finished run's activation and KV-cache quantization (``recipe``: the ``bitsmith.json`` recipe
+    dict) to its written, ordinary-checkpoint model: what ``bitsmith eval`` and the streamed evaluation run."""
+    if recipe.get("act"):
+        apply_activation_quant(model, arch, spec_from_dict(recipe["act"]))
+    if recipe.get("kv"):
+        enable_kv_quant(model, arch, spec_from_dict(recipe["kv"]))
 
 
 def apply_activation_quant(model: nn.Module, arch: Architecture, act: QuantSpec) -> int:

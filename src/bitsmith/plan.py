@@ -201,18 +201,13 @@ class RunPlan:
         in memory); activation/KV quantization from ``recipe`` re-applied as ``bitsmith eval`` does."""
         from .data import eval_token_limit, eval_windows, load_tokens
         from .eval.perplexity import perplexity
-        from .formats import spec_from_dict
-        from .models.kvcache import enable_kv_quant
         from .models.streaming import StreamingModel, streamed_logits
-        from .pipeline import apply_activation_quant
+        from .pipeline import apply_recipe_quant
 
         out = {}
         for name in names:
             source = StreamingModel(folder)
-            if recipe.get("act"):
-                apply_activation_quant(source.model, source.arch, spec_from_dict(recipe["act"]))
-            if recipe.get("kv"):
-                enable_kv_quant(source.model, source.arch, spec_from_dict(recipe["kv"]))
+            apply_recipe_quant(source.model, source.arch, recipe)
             tokens = load_tokens(name, "test", tokenizer=source.tokenizer, data_dir=self.opts.data_dir,
                                  max_tokens=eval_token_limit(name, seqlen))
             windows = eval_windows(tokens, seqlen, limit)

@@ -303,10 +303,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..export.hf import read_report
-    from ..formats import spec_from_dict
     from ..models import get_architecture, load_model
-    from ..models.kvcache import enable_kv_quant
-    from ..pipeline import apply_activation_quant
+    from ..pipeline import apply_recipe_quant
     from ..run import check_seqlen, evaluate
     from ..utils.device import resolve_device
 
@@ -330,10 +328,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         check_seqlen(model, args.seqlen)
     report = read_report(args.model)
     recipe = (report or {}).get("recipe", {})
-    if recipe.get("act"):
-        apply_activation_quant(model, get_architecture(model), spec_from_dict(recipe["act"]))
-    if recipe.get("kv"):
-        enable_kv_quant(model, get_architecture(model), spec_from_dict(recipe["kv"]))
+    apply_recipe_quant(model, get_architecture(model), recipe)
     body: dict[str, Any] = {"model": str(args.model)}
     if tasks:  # first: a missing task or its data fails before the perplexity runs
         from ..eval.lm_harness import evaluate_tasks
