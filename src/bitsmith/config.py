@@ -18,7 +18,6 @@ from .formats import QuantSpec, spec_from_dict
 
 CONFIG_VERSION = 2  # 2: the chosen method's options under "options" (1: every method's options at the top level)
 CALIB_ORDERS = ("random", "file")  # bitsmith.data.calibration_samples(order=...); config may not import data
-_V1_METHOD_KEYS = ("gptq", "omniquant", "smoothquant", "awq", "reconstruct")
 
 
 @dataclass(frozen=True)
@@ -30,7 +29,8 @@ class QuantConfig:
     ``method``: weight algorithm, a registered name (:func:`bitsmith.algorithms.method_names`; default
     ``bitsmith``, the default recipe); ``options``: that method's options object (its registered type, e.g.
     :class:`~bitsmith.algorithms.gptq.GPTQConfig`; None for ``rtn``), filled with the method's default for this
-    setting when not given (the default recipe learns LET too when activations are quantized). Calibration: ``nsamples`` windows of ``seqlen`` tokens from ``calib``.
+    setting when not given (the default recipe learns LET too when activations are quantized).
+    Calibration: ``nsamples`` windows of ``seqlen`` tokens from ``calib``.
     ``lorc_rank``/``lorc_bits``: LoRC low-rank error compensation after the weight algorithm (ZeroQuant-V2/FP;
     rank 0 = off; ``lorc_bits`` None = fp16 factors, 2–8 = symmetric integer factors, e.g. 8).
     ``min_expert_tokens``: mixture-of-experts policy. Each expert's linears are calibrated on the tokens the router
@@ -79,8 +79,9 @@ class QuantConfig:
             raise ConfigError(f"method {self.method!r} takes {want}, got {type(self.options).__name__}; drop "
                               "'options' or change the method")
 
-    def learned(self):
-        """The block-reconstruction recipe of a trained method (None for methods that do not train)."""
+    def learned(self) -> Any:
+        """The block-reconstruction recipe (a ReconstructConfig) of a trained method (None for methods that do not
+        train)."""
         return get_method(self.method).learned(self.options)
 
     @property
@@ -122,7 +123,7 @@ class QuantConfig:
         if not isinstance(d, dict):
             raise ConfigError("a recipe must be a JSON object")
         d = dict(d)
-        version = d.pop("version", 1 if set(d) & set(_V1_METHOD_KEYS) else CONFIG_VERSION)
+        version = d.pop("version", 1 if set(d) & set(_v1_option_types()) else CONFIG_VERSION)
         if not isinstance(version, int) or version > CONFIG_VERSION:
             raise ConfigError(f"recipe version {version!r} is newer than this bitsmith ({CONFIG_VERSION}); upgrade")
         if version < 2:
@@ -163,14 +164,20 @@ def _spec(d: Any, key: str) -> QuantSpec:
         raise ConfigError(f"recipe key {key!r} is malformed ({e}); see recipes/*.json for the layout") from None
 
 
+def _v1_option_types() -> dict[str, type]:
+    """Version-1 recipe key → options type, from the registered methods (e.g. ``gptq`` → GPTQConfig)."""
+    methods = [get_method(n) for n in method_names()]
+    return {m.v1_key: m.options for m in methods if m.v1_key is not None}
+
+
 def _from_v1(d: dict[str, Any]) -> dict[str, Any]:
     """A version-1 recipe (every method's options at the top level) in the version-2 layout: the chosen
     method's options under ``options`` (a learned method's GPTQ-start options moved inside them)."""
     d = dict(d)
     method = get_method(d.get("method", "rtn")) if isinstance(d.get("method", "rtn"), str) else None
     d.setdefault("method", "rtn")  # version 1's library default
-    blocks = {k: d.pop(k) for k in _V1_METHOD_KEYS if k in d}
-    types = {get_method(n).v1_key: get_method(n).options for n in method_names()}
+    types = _v1_option_types()
+    blocks = {k: d.pop(k) for k in types if k in d}
     for key, value in blocks.items():  # still validated, as version 1 did, though only one is kept
         if value is not None:
             _nested(types[key], value, key)

@@ -258,9 +258,10 @@ def quantize_model(model: nn.Module, arch: Architecture, config: QuantConfig, ca
             block = stream.load(i)
         home = next(block.parameters()).device
         block.to(device)
-        run = _restore_block if i < done else _quantize_and_finalize
-        stats, hidden, fp_out = run(block, config, checkpoint, i, hidden, inputs.block_kwargs(i), fp_hidden, result,
-                                    arch, model.config)
+        kw = inputs.block_kwargs(i)
+        stats, hidden, fp_out = (_restore_block(block, config, checkpoint, i, hidden, kw, fp_hidden, result)
+                                 if i < done else _quantize_and_finalize(block, config, checkpoint, i, hidden, kw,
+                                                                         fp_hidden, result, arch, model.config))
         if fp_hidden is not None:
             fp_hidden = fp_out
         _release(block, home, stream, i, result, device)
@@ -357,7 +358,7 @@ def _end_to_end(model: nn.Module, arch: Architecture, calib: torch.Tensor, fp_la
 
 def _restore_block(block: nn.Module, config: QuantConfig, checkpoint: Checkpoint, index: int,
                    hidden: list[torch.Tensor], kwargs: list[dict], fp_hidden: list[torch.Tensor] | None,
-                   result: QuantResult, *_: object) -> tuple[dict, list[torch.Tensor], list[torch.Tensor] | None]:
+                   result: QuantResult) -> tuple[dict, list[torch.Tensor], list[torch.Tensor] | None]:
     """Load a finished block from ``checkpoint`` into ``block`` (still full precision) and recompute its
     outputs: the full-precision chain first (when tracked), then the quantized one."""
     fp_out = _outputs(block, fp_hidden, kwargs) if fp_hidden is not None else None

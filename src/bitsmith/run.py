@@ -14,6 +14,7 @@ from typing import Any
 
 from .config import QuantConfig
 from .errors import CheckpointError, ConfigError
+from .models import block_linears
 from .plan import MemoryLimits, RunPlan
 from .version import __version__
 
@@ -203,11 +204,3 @@ def size_summary(config: QuantConfig, model, arch) -> dict[str, Any]:
                                                       spec.format.bits if n_zeros else 0, extra)))
     return summary(rows, sum(p.numel() for p in model.parameters()))
 
-
-def block_linears(model, arch):
-    """``(qualified name, nn.Linear)`` of every linear in the decoder blocks."""
-    from .models import find_linears, get_blocks
-
-    for i, block in enumerate(get_blocks(model, arch)):
-        for name, lin in find_linears(block).items():
-            yield f"{arch.layers}.{i}.{name}", lin

@@ -216,8 +216,6 @@ def _apply(opts: dict[str, Any], args: argparse.Namespace, pairs) -> None:
 
 def _reconstruct_flags(args: argparse.Namespace, rec: dict[str, Any]) -> None:
     """The block-reconstruction flags applied to a learned method's options (``rec``, a dict)."""
-    if args.start == "gptq" and args.let is None:
-        rec["let"] = False  # a GPTQ start fixes the grid (no LET)
     if args.let is not None:
         rec["let"] = args.let
     if args.epochs is not None:

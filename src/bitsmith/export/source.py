@@ -64,18 +64,14 @@ class Source:
 
 
 def _recover_layers(folder: Path, model: nn.Module, recipe: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    from ..models import find_linears, get_architecture, get_blocks
+    from ..models import block_linears, get_architecture
 
     if recipe.get("lorc_rank"):
         raise ExportError(f"{folder} has LoRC factors folded into its weights and no packed checkpoint, so its codes "
                          "cannot be recovered; re-run bitsmith quantize (it writes the packed codes unless --no-pack)")
     arch = get_architecture(model)
-    layers = {}
-    for i, block in enumerate(get_blocks(model, arch)):
-        for name, lin in find_linears(block).items():
-            layers[f"{arch.layers}.{i}.{name}"] = {"spec": recipe["weight"],
-                                                   "shape": [lin.out_features, lin.in_features], "lorc": None}
-    return layers
+    return {name: {"spec": recipe["weight"], "shape": [lin.out_features, lin.in_features], "lorc": None}
+            for name, lin in block_linears(model, arch)}
 
 
 def require_output(folder: str | Path) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from .moe import fused_experts, split_experts
 from .walker import (
     BlockInputs,
     block_forward,
+    block_linears,
     blockwise_logits,
     capture_block_inputs,
     final_hidden,
@@ -43,7 +44,8 @@ from .walker import (
 
 __all__ = [
     "ARCHITECTURES", "Architecture", "BlockInputs", "FusedQKV", "Geometry", "MoE", "ModelError", "block_forward",
-    "blockwise_logits", "capture_block_inputs", "expand", "final_hidden", "final_logits", "find_linears",
+    "block_linears", "blockwise_logits", "capture_block_inputs", "expand", "final_hidden", "final_logits",
+    "find_linears",
     "fused_experts", "geometry", "get_architecture", "get_blocks", "head_logits", "iter_blocks", "load_model",
     "model_context_length", "norm_parameters", "on_device", "resolve", "rope_pairs", "run_blocks", "split_experts",
     "supported_architectures",

@@ -27,7 +27,7 @@ from transformers.cache_utils import Cache
 
 from ..utils.device import resolve_device
 from .errors import ModelError
-from .registry import Architecture, get_architecture, get_blocks, resolve
+from .registry import Architecture, find_linears, get_architecture, get_blocks, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +92,13 @@ def on_device(*modules: nn.Module | None, device: torch.device | str) -> Iterato
 def iter_blocks(model: nn.Module, arch: Architecture | None = None) -> Iterator[tuple[int, nn.Module]]:
     """Yield ``(index, block)`` for every decoder block of ``model``, in order."""
     yield from enumerate(get_blocks(model, arch))
+
+
+def block_linears(model: nn.Module, arch: Architecture) -> Iterator[tuple[str, nn.Linear]]:
+    """Yield ``(qualified name, linear)`` for every linear in the decoder blocks (``model.layers.3.mlp.up_proj``)."""
+    for i, block in iter_blocks(model, arch):
+        for name, lin in find_linears(block).items():
+            yield f"{arch.layers}.{i}.{name}", lin
 
 
 def _to_device(value: Any, device: torch.device) -> Any:

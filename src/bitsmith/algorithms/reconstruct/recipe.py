@@ -97,8 +97,6 @@ class ReconstructConfig:
     gptq: GPTQConfig = GPTQConfig()
 
     def __post_init__(self) -> None:
-        if isinstance(self.gptq, dict):  # from a recipe file
-            object.__setattr__(self, "gptq", GPTQConfig(**self.gptq))
         if self.clip not in CLIPS:
             raise ConfigError(f"unknown clip parametrisation {self.clip!r}; use one of {', '.join(CLIPS)}")
         if self.clip_init not in ("minmax", "mse") or (self.clip_init == "mse" and self.clip != "linear"):
