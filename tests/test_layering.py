@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "bitsmith"
-ORDER = ["version", "errors", "utils", "formats", "nn", "transforms", "algorithms", "config", "models", "checkpoint", "pipeline",
+ORDER = ["version", "errors", "utils", "formats", "nn", "transforms", "algorithms", "config", "models", "checkpoint", "end_to_end", "pipeline",
          "data", "eval", "export", "plan", "run", "cli"]
 # what each layer may import from bitsmith (besides itself); errors and utils are usable by all
 ALLOWED = {
@@ -23,12 +23,13 @@ ALLOWED = {
     "config": {"formats", "algorithms"},
     "models": {"formats", "nn", "transforms", "algorithms"},
     "checkpoint": {"formats", "nn", "algorithms"},
-    "pipeline": {"formats", "nn", "transforms", "algorithms", "config", "models", "checkpoint"},
+    "end_to_end": {"formats", "nn", "algorithms", "models", "checkpoint"},
+    "pipeline": {"formats", "nn", "transforms", "algorithms", "config", "models", "checkpoint", "end_to_end"},
     "data": set(),
     "eval": set(),
     "export": {"formats", "nn", "transforms", "algorithms", "config", "models", "data", "eval"},
-    "plan": {"formats", "nn", "algorithms", "config", "models", "pipeline", "data", "eval", "export"},
-    "run": {"formats", "nn", "algorithms", "config", "models", "checkpoint", "pipeline", "data", "eval", "export",
+    "plan": {"formats", "nn", "algorithms", "config", "models", "end_to_end", "pipeline", "data", "eval", "export"},
+    "run": {"formats", "nn", "algorithms", "config", "models", "checkpoint", "end_to_end", "pipeline", "data", "eval", "export",
             "plan", "version"},
     "cli": set(ORDER),
 }

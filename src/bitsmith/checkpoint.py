@@ -132,5 +132,13 @@ class Checkpoint:
             lorc[n] = tuple(parts)
         return state, frozen, lorc, body["stats"]
 
+    def load_state(self, index: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """The state dict of finished block ``index`` alone, read straight onto ``device``."""
+        from safetensors import safe_open
+
+        path = self.folder / f"block_{index:05d}.safetensors"
+        with safe_open(str(path), framework="pt", device=str(device)) as handle:
+            return {k.removeprefix("state."): handle.get_tensor(k) for k in handle.keys() if k.startswith("state.")}
+
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

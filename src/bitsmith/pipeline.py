@@ -7,30 +7,32 @@ the already-quantized blocks before it (GPTQ/OmniQuant convention).
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .algorithms import BlockJob, get_method
-from .algorithms.e2e import EndToEndConfig, tune_end_to_end
+from .algorithms.e2e import EndToEndConfig
 from .algorithms.lorc import LoRCFactors, collect_factors, lorc_block
 from .algorithms.rtn import rtn_block
 from .checkpoint import Checkpoint
 from .config import QuantConfig
+from .end_to_end import run_end_to_end
 from .errors import CheckpointError, NumericsError
 from .formats import QuantizedTensor, QuantSpec, fallback_spec, mix_spec, spec_from_dict
 from .models import (
     Architecture,
+    BlockInputs,
     block_forward,
     capture_block_inputs,
-    final_hidden,
     find_linears,
     get_blocks,
-    head_logits,
-    norm_parameters,
     split_experts,
 )
 from .models.edges import let_edges
@@ -40,7 +42,7 @@ from .models.streaming import BlockStream
 from .nn import QuantLinear, quant_linears, set_quant_state, to_fake
 from .utils import dist
 from .utils.device import empty_cache, peak_memory_bytes, reset_peak_memory
-from .utils.memory import MemoryMeter, as_store, copy_like, new_like
+from .utils.memory import MemoryMeter, as_store, copy_like, new_like, rss_bytes
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +222,7 @@ def finalize_block(block: nn.Module, prefix: str) -> dict[str, QuantizedTensor]:
 def quantize_model(model: nn.Module, arch: Architecture, config: QuantConfig, calib: torch.Tensor,
                    device: torch.device, progress: bool = True, checkpoint: Checkpoint | None = None,
                    stream: BlockStream | None = None, meter: MemoryMeter | None = None, offload: str = "device",
-                   offload_dir: str | None = None) -> QuantResult:
+                   offload_dir: str | None = None, e2e_mode: str | None = None) -> QuantResult:
     """Quantize ``model`` in place. ``calib``: calibration token ids ``(nsamples, seqlen)``; under
     ``torch.distributed`` the same full set on every rank, of which each takes its share here
     (:func:`bitsmith.utils.dist.shard_samples`; ``config.batch_size`` is global).
@@ -231,8 +233,14 @@ def quantize_model(model: nn.Module, arch: Architecture, config: QuantConfig, ca
     ``stream.load(i)`` when its turn comes and handed to ``stream.done`` when finished. ``offload``: where the
     calibration activations live (``device``, ``host`` or ``disk`` under ``offload_dir``; see
     :class:`bitsmith.utils.memory.ActivationStore`). ``meter`` records per-block wall time and peak host /
-    accelerator memory (``result.blocks``) and the overall peaks (``result.memory``).
+    accelerator memory (``result.blocks``) and the overall peaks (``result.memory``). ``e2e_mode``: how a recipe's
+    end-to-end stage runs (:data:`bitsmith.end_to_end.MODES`; default ``streamed`` for a streamed model, else
+    ``whole``; the memory plan picks it in a CLI run).
     """
+    if stream is not None and checkpoint is None and _e2e_config(config) is not None:
+        with tempfile.TemporaryDirectory(dir=offload_dir) as tmp:  # streamed tuning reads the blocks back from it
+            return quantize_model(model, arch, config, calib, device, progress, Checkpoint(Path(tmp) / "blocks", ""),
+                                  stream, meter, offload, offload_dir, e2e_mode)
     start, cpu_start = time.perf_counter(), time.process_time()
     split_experts(model, arch)  # MoE: every expert's projections become linears (a no-op when already split)
     calib, local_batch = dist.shard_samples(calib, config.batch_size)  # this rank's share (all of it alone)
@@ -243,13 +251,34 @@ def quantize_model(model: nn.Module, arch: Architecture, config: QuantConfig, ca
     inputs = capture_block_inputs(model, arch, calib, device, batch_size=local_batch)
     _check_finite(inputs.hidden, "the embeddings' outputs")
     hidden = as_store(inputs.hidden, device, offload, offload_dir)
-    inputs = inputs.with_hidden([])  # ``hidden`` holds them now (possibly off the device)
     fp_hidden = copy_like(hidden) if config.learned() is not None else None  # trained methods target the fp model
     result = QuantResult()
-    blocks = get_blocks(model, arch)
-    bar = tqdm(list(enumerate(blocks)), desc=f"{config.method} {config.label}",
-               disable=not progress or not dist.is_main(), unit="block")
     meter = meter or MemoryMeter(device)
+    fp_hidden = _quantize_blocks(model, arch, config, inputs.with_hidden([]), hidden, fp_hidden, device, result,
+                                 meter, done, checkpoint, stream, progress)
+    e2e = _e2e_config(config)
+    if e2e is not None:
+        meter.start()
+        before = rss_bytes()
+        result.end_to_end = run_end_to_end(model, arch, calib, fp_hidden, device, e2e,
+                                           e2e_mode or ("streamed" if stream is not None else "whole"),
+                                           checkpoint, stream)
+        result.end_to_end.update(meter.stop(), seconds=round(meter.last_seconds, 3))
+        result.end_to_end["added_rss_mb"] = round(result.end_to_end["peak_rss_mb"] - before / 2**20, 1)
+    result.seconds = time.perf_counter() - start
+    result.cpu_seconds = time.process_time() - cpu_start
+    result.memory = meter.summary()
+    return result
+
+
+def _quantize_blocks(model: nn.Module, arch: Architecture, config: QuantConfig, inputs: BlockInputs,
+                     hidden: Sequence[torch.Tensor], fp_hidden: Sequence[torch.Tensor] | None, device: torch.device,
+                     result: QuantResult, meter: MemoryMeter, done: int, checkpoint: Checkpoint | None,
+                     stream: BlockStream | None, progress: bool) -> Sequence[torch.Tensor] | None:
+    """Every block in turn (the first ``done`` restored from ``checkpoint``), ``hidden`` its inputs (``inputs``:
+    the kwargs); returns the full-precision chain's last outputs (None when not tracked)."""
+    bar = tqdm(list(enumerate(get_blocks(model, arch))), desc=f"{config.method} {config.label}",
+               disable=not progress or not dist.is_main(), unit="block")
     for i, block in bar:
         t0 = time.perf_counter()
         meter.start()
@@ -269,13 +298,7 @@ def quantize_model(model: nn.Module, arch: Architecture, config: QuantConfig, ca
                               "peak_memory_mb": peak_memory_bytes(device) / 2**20, **meter.stop()})
         bar.set_postfix(mse=f"{stats['output_mse']:.3g}")
         log.debug("block %d: output MSE %.4g", i, stats["output_mse"])
-    e2e = _e2e_config(config)
-    if e2e is not None:
-        result.end_to_end = _end_to_end(model, arch, calib, fp_hidden, device, e2e, streamed=stream is not None)
-    result.seconds = time.perf_counter() - start
-    result.cpu_seconds = time.process_time() - cpu_start
-    result.memory = meter.summary()
-    return result
+    return fp_hidden
 
 
 def _e2e_config(config: QuantConfig) -> EndToEndConfig | None:
@@ -323,37 +346,6 @@ def _quantize_and_finalize(block: nn.Module, config: QuantConfig, checkpoint: Ch
     if checkpoint is not None and dist.is_main():
         checkpoint.save_block(i, block.state_dict(), frozen, lorc, stats)
     return stats, hidden, fp_out
-
-
-def _end_to_end(model: nn.Module, arch: Architecture, calib: torch.Tensor, fp_last: list[torch.Tensor],
-                device: torch.device, cfg: EndToEndConfig, streamed: bool) -> dict:
-    """Tune the norms of the quantized ``model`` to the full-precision next-token distribution
-    (:mod:`bitsmith.algorithms.e2e`). ``fp_last``: the full-precision last block's outputs, one ``(b, T, H)`` per
-    unit of ``calib`` ``(n, T)`` (this rank's share), from which the teacher's log-probabilities are computed."""
-    if streamed:
-        log.warning("end-to-end norm tuning skipped: the model is streamed block by block (--stream); "
-                    "it needs the whole model on the device")
-        return {"skipped": "streamed"}
-    home = next(model.parameters()).device
-    params = norm_parameters(model, arch)
-    saved = [p.detach().clone() for p in params]
-    try:
-        model.to(device)
-        with torch.no_grad():
-            teacher_h = torch.cat([final_hidden(model, arch, h.to(device)) for h in fp_last])  # before tuning
-        teacher = lambda idx: torch.log_softmax(head_logits(model, arch, teacher_h[idx]).float(), dim=-1)  # noqa: E731
-        student = lambda ids: model(input_ids=ids, use_cache=False).logits  # noqa: E731
-        return tune_end_to_end(student, teacher, params, calib.to(device), cfg)
-    except torch.OutOfMemoryError:
-        with torch.no_grad():
-            for p, s in zip(params, saved):
-                p.copy_(s.to(p.device))
-        log.warning("end-to-end norm tuning skipped: the whole model does not fit on %s for training "
-                    "(--e2e-steps 0 skips it up front)", device)
-        return {"skipped": "out of memory"}
-    finally:
-        model.to(home)
-        empty_cache(device)
 
 
 def _restore_block(block: nn.Module, config: QuantConfig, checkpoint: Checkpoint, index: int,

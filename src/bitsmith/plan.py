@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ResourceError
+from .errors import ConfigError, ResourceError
 
 if TYPE_CHECKING:
     import torch
@@ -73,6 +73,7 @@ class RunPlan:
         self.source = None  # StreamingModel when streaming
         self.streamed = None  # StreamedRun once quantizing
         self.placement = "device"
+        self.e2e_mode: str | None = None  # how the recipe's end-to-end stage runs (the plan's choice)
         self.plan: dict[str, Any] = {}
 
     # ---- the model: streamed or loaded --------------------------------------------------------------------------
@@ -154,10 +155,61 @@ class RunPlan:
             self._refuse_block(index, need, detail, limit)
         self.placement = self._place(need, acts, limit, host_left)
         self.plan["activations"] = self.placement
+        self.e2e_mode = self._plan_end_to_end(config, model, arch, geom, elem, limit)
         log.info("memory plan: block %d needs ~%s (%s); calibration activations ~%s → %s", index,
                  format_bytes(need), detail, format_bytes(acts),
                  {"device": "kept on the compute device", "host": "offloaded to host memory",
                   "disk": f"offloaded to {self.opts.offload_dir}"}[self.placement])
+
+    def _plan_end_to_end(self, config, model, arch, geom, elem: int, limit: int | None) -> str | None:
+        """The end-to-end stage's mode: the first of whole, checkpointed, offloaded (streamed for a streamed model)
+        whose estimate fits ``limit`` (or the one asked for); recorded in the plan, logged. None: no such stage."""
+        from .end_to_end import kl_chunk_tokens
+        from .models import find_linears, get_blocks
+        from .utils import dist
+        from .utils.memory import end_to_end_need, format_bytes
+
+        rc = config.learned()
+        cfg = rc.end_to_end() if rc is not None else None
+        if cfg is None:
+            return None
+        units = -(-config.nsamples // max(1, dist.env_world_size()))
+        blocks = get_blocks(model, arch)
+        block_bytes = max(sum(p.numel() * elem for p in b.parameters()) for b in blocks)
+        all_bytes = sum(p.numel() * elem for p in model.parameters())
+        vocab = model.config.get_text_config().vocab_size
+        resident = self.accelerator or self.source is not None  # on the CPU a loaded model is in memory already
+        kw = dict(model_bytes=all_bytes if resident else 0, block_bytes=block_bytes,
+                  ends_bytes=all_bytes - len(blocks) * block_bytes if self.source is None else
+                  sum(self.source.module_bytes(p) for p in _end_paths(model, arch)),
+                  layers=len(blocks), hidden=geom.hidden, heads=geom.heads,
+                  intermediate=max([lin.out_features for lin in find_linears(blocks[0]).values()] + [geom.hidden]),
+                  vocab=vocab, batch=min(cfg.batch, max(units - cfg.holdout, 1)), seqlen=config.seqlen,
+                  units=units, elem=elem, chunk=kl_chunk_tokens(vocab), teacher_on_device=self.placement == "device")
+        modes = ["streamed"] if self.source is not None else (
+            ["whole", "checkpointed", "offloaded"] if self.accelerator else ["whole", "checkpointed"])
+        if self.opts.e2e_mode != "auto":
+            self._check_e2e_mode(self.opts.e2e_mode)
+            modes = [self.opts.e2e_mode]
+        needs = {m: end_to_end_need(m, **kw) for m in modes}
+        fits = [m for m in modes if limit is None or sum(needs[m].values()) <= limit]
+        mode = fits[0] if fits else modes[-1]
+        parts = needs[mode]
+        detail = ", ".join(f"{k} {format_bytes(v)}" for k, v in parts.items() if v)
+        self.plan["end_to_end"] = {"mode": mode, "need_mb": round(sum(parts.values()) / 2**20, 1),
+                                   "need_parts_mb": {k: round(v / 2**20, 1) for k, v in parts.items()}}
+        if not fits:
+            raise ResourceError(f"end-to-end tuning needs ~{format_bytes(sum(parts.values()))} ({detail}) in its "
+                                f"leanest mode ({mode}) but the limit is {format_bytes(max(limit or 0, 0))}; lower "
+                                "--batch-size or --seqlen, raise --max-memory, or pass --e2e-steps 0 to skip it")
+        log.info("memory plan: end-to-end tuning %s, ~%s (%s)", mode, format_bytes(sum(parts.values())), detail)
+        return mode
+
+    def _check_e2e_mode(self, mode: str) -> None:
+        streamed = self.source is not None
+        if (mode == "streamed") != streamed:
+            raise ConfigError(f"--e2e-mode {mode} " + ("needs --stream" if mode == "streamed" else
+                                                      "cannot run on a streamed model: use streamed or auto"))
 
     def _refuse_block(self, index: int, need: int, detail: str, limit: int) -> None:
         from .utils.memory import format_bytes
@@ -193,7 +245,7 @@ class RunPlan:
             self.streamed = StreamedRun(self.source, writer, pack=self.opts.pack)
             self.source.load_front()
         return {"stream": self.streamed, "meter": self.meter, "offload": self.placement,
-                "offload_dir": self.opts.offload_dir}
+                "offload_dir": self.opts.offload_dir, "e2e_mode": self.e2e_mode}
 
     def streamed_ppl(self, folder: Path, names: list[str], seqlen: int, limit: int | None, recipe: dict,
                      progress: bool) -> dict[str, float]:
@@ -221,6 +273,14 @@ class RunPlan:
         """``"memory"`` (overall peaks since the run started, MiB) and ``"scale"`` (streaming, plan) for the report."""
         return {"memory": self.meter.summary(),
                 "scale": {"streamed": self.source is not None, "max_memory": self.opts.max_memory_text, **self.plan}}
+
+
+def _end_paths(model, arch) -> list[str]:
+    """Paths of the modules outside the blocks that exist in ``model`` (embeddings, final norm, extras, head)."""
+    from .models import resolve
+
+    paths = [*arch.embeddings, arch.final_norm, *arch.final_extra, arch.lm_head]
+    return [p for p in paths if resolve(model, p) is not None]
 
 
 class _Replay:

@@ -29,7 +29,9 @@ class RunOptions:
     wrote them, for the report); ``offload_dir``: where calibration activations go that fit nowhere else;
     ``max_shard_bytes``: largest weight file of a streamed output; ``pack``: also write the packed codes;
     ``resume``/``overwrite``: the checkpoint ``OUTPUT.partial`` and an existing output; ``ppl``/``ppl_limit``:
-    evaluate perplexity on these datasets (first N windows) after quantizing; ``data_dir``: dataset folder."""
+    evaluate perplexity on these datasets (first N windows) after quantizing; ``data_dir``: dataset folder;
+    ``e2e_mode``: how a recipe's end-to-end stage runs (``auto``: the memory plan's choice, else one of
+    :data:`bitsmith.end_to_end.MODES`)."""
 
     device: str = "auto"
     stream: bool | None = None
@@ -44,6 +46,13 @@ class RunOptions:
     ppl_limit: int | None = None
     data_dir: str | None = None
     progress: bool = True
+    e2e_mode: str = "auto"
+
+    def __post_init__(self) -> None:
+        from .end_to_end import MODES
+
+        if self.e2e_mode not in ("auto", *MODES):
+            raise ConfigError(f"end-to-end mode must be auto or one of {', '.join(MODES)}, got {self.e2e_mode!r}")
 
 
 def quantize(model_dir: str | Path, config: QuantConfig, output: str | Path, options: RunOptions | None = None

@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny_models import FAMILIES, tiny_model
 
-from bitsmith.algorithms.e2e import EndToEndConfig, calibration_kl, kl_loss, tune_end_to_end
+from bitsmith.algorithms.e2e import EndToEndConfig, LogitsObjective, calibration_kl, chunked_kl, kl_loss, tune_end_to_end
 from bitsmith.algorithms.default import BITSMITH
 from bitsmith.algorithms.reconstruct import ReconstructConfig
 from bitsmith.config import QuantConfig
@@ -66,8 +66,8 @@ def test_tuning_norms_lowers_the_kl_to_the_full_precision_model():
     forward = lambda x: student(x).logits  # noqa: E731
     before = calibration_kl(forward, teacher, ids, list(range(8)), 4)
     weights = {n: p.detach().clone() for n, p in student.named_parameters() if "norm" not in n}
-    info = tune_end_to_end(forward, teacher, norm_parameters(student), ids, EndToEndConfig(steps=30, lr=3e-2,
-                                                                                         batch=4))
+    info = tune_end_to_end(LogitsObjective(forward, teacher, ids), norm_parameters(student), 8,
+                           EndToEndConfig(steps=30, lr=3e-2, batch=4))
     after = calibration_kl(forward, teacher, ids, list(range(8)), 4)
     assert info["kl_before"] == pytest.approx(before, rel=1e-5)
     assert info["kl_after"] == pytest.approx(after, rel=1e-5) and after < 0.8 * before
@@ -82,7 +82,7 @@ def test_no_improvement_on_the_holdout_restores_the_initial_norms_exactly():
     params[0].requires_grad_(False)
     flags, init = [p.requires_grad for p in params], [p.detach().clone() for p in params]
     # a learning rate far too high: every evaluation on the held-out sequences is worse than the start
-    info = tune_end_to_end(lambda x: student(x).logits, _teacher(fp, ids), params, ids,
+    info = tune_end_to_end(LogitsObjective(lambda x: student(x).logits, _teacher(fp, ids), ids), params, 8,
                            EndToEndConfig(steps=10, lr=5.0, batch=2, holdout=2, eval_every=5))
     assert info["best_step"] == 0 and info["judged_on"] == "holdout" and info["steps"] == 10
     assert info["kl_after"] == info["kl_before"]
@@ -98,7 +98,7 @@ def test_end_to_end_config_validation():
     assert ReconstructConfig().end_to_end() is None and BITSMITH.end_to_end() is not None
     with pytest.raises(ValueError, match="no calibration sequences to train on"):
         ids = _calib(n=2)
-        tune_end_to_end(lambda x: x, lambda i: i, [], ids, EndToEndConfig(holdout=2))
+        tune_end_to_end(LogitsObjective(lambda x: x, lambda i: i, ids), [], 2, EndToEndConfig(holdout=2))
 
 
 def test_pipeline_end_to_end_changes_only_norms_and_lowers_the_kl():
@@ -139,6 +139,20 @@ def test_nan_loss_stops_tuning_and_keeps_the_initial_norms():
         out = student(x).logits
         return out if calls["n"] <= 2 else out * float("nan")
 
-    info = tune_end_to_end(forward, _teacher(fp, ids), params, ids, EndToEndConfig(steps=5, batch=4))
+    info = tune_end_to_end(LogitsObjective(forward, _teacher(fp, ids), ids), params, 8, EndToEndConfig(steps=5, batch=4))
     assert info["steps"] == 0 and info["best_step"] == 0 and info["kl_after"] == info["kl_before"]
     assert all(torch.equal(p, q) for p, q in zip(params, init))
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 40, 1000])
+def test_chunked_kl_equals_the_full_kl_and_its_gradient(chunk):
+    g = torch.Generator().manual_seed(3)
+    head = torch.nn.Linear(6, 13, bias=False)
+    z = torch.randn(2, 20, 6, generator=g, requires_grad=True)
+    tz = torch.randn(2, 20, 6, generator=g)
+    full = kl_loss(head(z), torch.log_softmax(head(tz), -1))
+    full.backward()
+    value, grad = chunked_kl(z, tz, head, chunk, grad=True)
+    assert value == pytest.approx(float(full.detach()), rel=1e-5)
+    assert torch.allclose(grad, z.grad, rtol=1e-4, atol=1e-7)
+    assert chunked_kl(z, tz, head, chunk)[1] is None

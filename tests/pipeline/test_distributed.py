@@ -226,8 +226,9 @@ def _quantize_args(out, method_args):
             "--ppl-limit", "4", "--threads", "1", "-q", "-o", str(out)]
 
 
-@pytest.mark.parametrize("method_args", [["--method", "gptq"], ["--method", "omniquant", "--epochs", "2"]],
-                         ids=["gptq", "omniquant"])
+@pytest.mark.parametrize("method_args", [["--method", "gptq"], ["--method", "omniquant", "--epochs", "2"],
+                                         ["--method", "bitsmith", "--steps", "4", "--e2e-steps", "6", "--stream"]],
+                         ids=["gptq", "omniquant", "default-streamed-e2e"])
 def test_torchrun_two_processes_match_one(tmp_path, method_args):
     one, two = tmp_path / "one", tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -245,7 +246,10 @@ def test_torchrun_two_processes_match_one(tmp_path, method_args):
     (p1,), (p2,) = r1["ppl"].values(), r2["ppl"].values()
     assert p2 == pytest.approx(p1, rel=1e-3)
     assert r2["recipe"]["batch_size"] == 2  # global samples per step, recorded as given
-    a, b = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
+    if "--stream" in method_args:  # each rank tunes its share of the sequences, blocks read back from disk
+        assert r1["end_to_end"]["mode"] == r2["end_to_end"]["mode"] == "streamed" and r2["end_to_end"]["steps"] == 6
+        assert r2["end_to_end"]["kl_after"] == pytest.approx(r1["end_to_end"]["kl_after"], rel=1e-3)
+    a, b = (load_file(str(d / "model.safetensors")) for d in (one, two))
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)

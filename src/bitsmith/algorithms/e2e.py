@@ -15,6 +15,11 @@ norms differ from the source checkpoint's. Adam with a linearly decaying learnin
 reshuffled cycles over the calibration sequences; the parameters kept are those of the lowest KL measured (over
 all calibration sequences at the start and the end, or over a held-out slice every few steps), so the initial
 ones when training did not lower it. Under ``torch.distributed`` losses and gradients are averaged over ranks.
+
+How the model is run for it is an :class:`Objective`: :class:`LogitsObjective` calls the whole model (autograd
+through every block, full ``(b, T, V)`` logits); :mod:`bitsmith.end_to_end` runs it block by block with activation
+checkpointing, the KL in chunks of tokens (:func:`chunked_kl`) and blocks streamed to the device when they do not
+fit. The training loop here is the same for all.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
@@ -71,6 +76,67 @@ def kl_loss(student_logits: torch.Tensor, teacher_logp: torch.Tensor) -> torch.T
     return (t.exp() * (t - logp)).sum(-1).mean()
 
 
+def chunked_kl(z: torch.Tensor, teacher_z: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
+               chunk: int, grad: bool = False) -> tuple[float, torch.Tensor | None]:
+    """Mean per-token KL(teacher ‖ student) with student logits ``head(z)`` and teacher logits ``head(teacher_z)``
+    (``z``, ``teacher_z``: ``(b, T, H')``; ``head``: ``(m, H') -> (m, V)``), ``chunk`` tokens at a time, so no
+    ``(b·T, V)`` tensor ever exists: the same value as :func:`kl_loss` on the full logits (up to summation order).
+
+    With ``grad``, each chunk's share of the loss is back-propagated at once to a detached copy of ``z``, whose
+    gradient ``dL/dz`` ``(b, T, H')`` is returned (the caller continues the backward from ``z``); else None."""
+    flat = z.detach().reshape(-1, z.shape[-1]).requires_grad_(grad)
+    teacher_flat = teacher_z.reshape(-1, teacher_z.shape[-1])
+    tokens = flat.shape[0]
+    total = 0.0
+    for start in range(0, tokens, chunk):
+        with torch.no_grad():
+            t = torch.log_softmax(head(teacher_flat[start:start + chunk]).float(), dim=-1)
+        with torch.set_grad_enabled(grad):
+            logp = torch.log_softmax(head(flat[start:start + chunk]).float(), dim=-1)
+            kl = (t.exp() * (t - logp)).sum()
+            if grad:
+                (kl / tokens).backward()
+        total += float(kl.detach())
+    return total / max(tokens, 1), (flat.grad.view_as(z) if grad else None)
+
+
+class Objective(Protocol):
+    """How the model being tuned is run on calibration sequences (by index into this rank's share).
+
+    ``forward(units)``: the mean KL over ``units``, remembering what :meth:`backward` needs;
+    ``backward()``: accumulate the gradients of that loss into the tuned parameters;
+    ``kl(units, batch)``: the mean KL over ``units`` without gradients, ``batch`` sequences at a time."""
+
+    def forward(self, units: list[int]) -> float: ...
+
+    def backward(self) -> None: ...
+
+    def kl(self, units: list[int], batch: int) -> float: ...
+
+
+class LogitsObjective:
+    """The whole model called at once: ``student`` ids ``(b, T)`` -> logits ``(b, T, V)`` (autograd through every
+    block), ``teacher`` unit indices -> full-precision log-probabilities ``(b, T, V)``, ``ids`` ``(n, T)``."""
+
+    def __init__(self, student: StudentLogits, teacher: TeacherLogProbs, ids: torch.Tensor) -> None:
+        self.student, self.teacher, self.ids = student, teacher, ids
+        self._loss: torch.Tensor | None = None
+
+    def forward(self, units: list[int]) -> float:
+        with autocast(self.ids.device):
+            logits = self.student(self.ids[units])
+        self._loss = kl_loss(logits, self.teacher(units))
+        return float(self._loss.detach())
+
+    def backward(self) -> None:
+        assert self._loss is not None, "forward first"
+        self._loss.backward()
+        self._loss = None
+
+    def kl(self, units: list[int], batch: int) -> float:
+        return calibration_kl(self.student, self.teacher, self.ids, units, batch)
+
+
 @torch.no_grad()
 def calibration_kl(student: StudentLogits, teacher: TeacherLogProbs, ids: torch.Tensor, units: list[int],
                    batch: int) -> float:
@@ -84,15 +150,13 @@ def calibration_kl(student: StudentLogits, teacher: TeacherLogProbs, ids: torch.
     return dist.mean_scalar(total / max(len(units), 1))
 
 
-def tune_end_to_end(student: StudentLogits, teacher: TeacherLogProbs, params: list[nn.Parameter],
-                    ids: torch.Tensor, cfg: EndToEndConfig) -> dict:
-    """Train ``params`` in place to minimise the KL above on calibration sequences ``ids`` ``(n, T)``.
+def tune_end_to_end(objective: Objective, params: list[nn.Parameter], n: int, cfg: EndToEndConfig) -> dict:
+    """Train ``params`` in place to minimise the KL above on ``n`` calibration sequences run by ``objective``.
 
     Returns ``{"kl_before", "kl_after", "steps", "best_step", "judged_on"}``: the KL (over the held-out sequences,
     or all of them without a holdout) before training and of the kept parameters, which are those of the lowest
     such KL (the initial ones when training did not improve it). A non-finite loss stops training there.
     """
-    n = ids.shape[0]
     if cfg.holdout >= n:
         raise ConfigError(f"end-to-end holdout ({cfg.holdout}) leaves no calibration sequences to train on ({n})")
     n_train = n - cfg.holdout
@@ -102,8 +166,7 @@ def tune_end_to_end(student: StudentLogits, teacher: TeacherLogProbs, params: li
     if not params or cfg.steps == 0 or n == 0:
         return info
     batch = min(cfg.batch, n_train)
-    evaluate = lambda: calibration_kl(student, teacher, ids, judge, batch)  # noqa: E731
-    best, best_state = evaluate(), [p.detach().clone() for p in params]
+    best, best_state = objective.kl(judge, batch), [p.detach().clone() for p in params]
     info["kl_before"] = best
     flags = [p.requires_grad for p in params]
     for p in params:
@@ -117,20 +180,16 @@ def tune_end_to_end(student: StudentLogits, teacher: TeacherLogProbs, params: li
             order = torch.randperm(n_train, generator=gen).tolist()
         idx, order = order[:batch], order[batch:]
         opt.zero_grad(set_to_none=True)
-        with autocast(ids.device):
-            logits = student(ids[idx])
-        loss = kl_loss(logits, teacher(idx))
-        if not math.isfinite(dist.mean_scalar(float(loss.detach()))):
+        if not math.isfinite(dist.mean_scalar(objective.forward(idx))):
             log.warning("end-to-end tuning: non-finite loss at step %d; keeping the best parameters so far", step)
             break
-        loss.backward()
+        objective.backward()
         dist.average_gradients(params)
         opt.step()
         sched.step()
         info["steps"] = step + 1
-        last = step + 1 == cfg.steps
-        if last or (cfg.holdout and cfg.eval_every and (step + 1) % cfg.eval_every == 0):
-            value = evaluate()
+        if step + 1 == cfg.steps or (cfg.holdout and cfg.eval_every and (step + 1) % cfg.eval_every == 0):
+            value = objective.kl(judge, batch)
             if value < best:
                 best, best_state, info["best_step"] = value, [p.detach().clone() for p in params], step + 1
     with torch.no_grad():

@@ -280,7 +280,8 @@ def run_options(args: argparse.Namespace):
                       max_memory_text=args.max_memory, offload_dir=args.offload_dir,
                       max_shard_bytes=scale.parse_size(args.max_shard_size, "--max-shard-size"), pack=args.pack,
                       resume=args.resume, overwrite=args.overwrite, ppl=tuple(_split(args.ppl)),
-                      ppl_limit=args.ppl_limit, data_dir=args.data_dir, progress=not args.quiet)
+                      ppl_limit=args.ppl_limit, data_dir=args.data_dir, progress=not args.quiet,
+                      e2e_mode=args.e2e_mode)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import re
 
+from ..end_to_end import MODES
 from ..plan import MemoryLimits
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -24,6 +25,10 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     s.add_argument("--offload-dir", default=None,
                    help="folder for calibration activations that fit neither the device nor host memory")
     s.add_argument("--max-shard-size", default="5GB", help="largest weight file of a streamed output (default 5GB)")
+    s.add_argument("--e2e-mode", default="auto", choices=("auto", *MODES),
+                   help="how the end-to-end norm tuning runs: whole (autograd through the model, fastest), "
+                        "checkpointed (block by block, chunked KL), offloaded (blocks moved to the device in turn), "
+                        "streamed (blocks read back from disk; --stream); default auto: the first that fits")
 
 
 def parse_size(text: str, flag: str) -> int:

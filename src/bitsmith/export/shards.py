@@ -225,14 +225,20 @@ class StreamedRun:
     :meth:`load` (block ``i``): the embeddings are released once capture is done (before block 0), then block
     ``i`` is read from the safetensors files. :meth:`done`: the finished block's tensors go to ``writer`` (and,
     with ``pack``, its packed codes to ``packed/quantized.safetensors``), its frozen codes leave ``result`` (they are not
-    kept in memory), and the block goes back to the meta device. :meth:`finish_into` writes the tensors outside
-    the blocks (embeddings, final norm, head; copied from the source) and moves every file into the output folder.
+    kept in memory), and the block goes back to the meta device; its norm parameters stay in ``held`` (a few
+    vectors) until the end, where end-to-end tuning may have changed them. :meth:`finish_into` writes them and the
+    tensors outside the blocks (embeddings, final norm, head; copied from the source, the final norm from
+    ``held`` when tuned) and moves every file into the output folder.
     """
 
     def __init__(self, source: StreamingModel, writer: ShardWriter, pack: bool = False) -> None:
+        from ..models import norm_parameter_names
+
         self.source = source
         self.writer = writer
         self.pack = pack
+        self.norms = set(norm_parameter_names(source.model, source.arch))
+        self.held: dict[str, torch.Tensor] = {}
         self._packed: SafetensorsStream | None = None
         self._packed_layers: dict[str, dict[str, Any]] = {}
         self._packed_bits = 0
@@ -245,8 +251,10 @@ class StreamedRun:
 
     def done(self, index: int, block: nn.Module, result: Any) -> None:
         prefix = self.source.block_prefix(index)
+        state = {f"{prefix}.{k}": v for k, v in block.state_dict().items()}
+        self.held.update((k, state.pop(k).detach().clone()) for k in list(state) if k in self.norms)
         if dist.is_main():  # torchrun: every rank holds the same block; rank 0 alone writes
-            self.writer.add({self.source.saved_name(f"{prefix}.{k}"): v for k, v in block.state_dict().items()})
+            self.writer.add({self.source.saved_name(k): v for k, v in state.items()})
         mine = [name for name in result.frozen if name.startswith(prefix + ".")]
         frozen = {name: result.frozen.pop(name) for name in mine}
         lorc = {name: result.lorc.pop(name) for name in list(result.lorc) if name.startswith(prefix + ".")}
@@ -254,6 +262,15 @@ class StreamedRun:
             self._pack(frozen, lorc)
         self.source.release(prefix)
         trim_host_memory()  # else glibc keeps each freed block's fragments and RSS creeps up block after block
+
+    def load_ends(self) -> None:
+        """Materialise the embeddings and the tail; the final norm's values join ``held``."""
+        self.source.load_ends()
+        for name in self.norms - set(self.held):
+            self.held[name] = self.source.model.get_parameter(name).detach().clone()
+
+    def release_ends(self) -> None:
+        self.source.release_ends()
 
     def _pack(self, frozen: dict[str, Any], lorc: dict[str, Any]) -> None:
         from .packed import PACKED_NAME, PACKED_VERSION, _layer_entry, packed_layers
@@ -282,8 +299,12 @@ class StreamedRun:
             body = {"version": PACKED_VERSION, "weights": PACKED_NAME, "layers": self._packed_layers,
                     "bits_per_weight": self._packed_bits / n if n else None}
             (dest / PACKED_DIR / PACKED_CONFIG).write_text(json.dumps(body, indent=2) + "\n")
+        saved = {self.source.saved_name(k): v for k, v in self.held.items()}
+        if dist.is_main():
+            self.writer.add(saved)
         for name, tensor in self.source.iter_outside_blocks():
-            self.writer.add({name: tensor})
+            if name not in saved:
+                self.writer.add({name: tensor})
         self.writer.finish_into(dest)
 
     def abort(self) -> None:

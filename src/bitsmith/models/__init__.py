@@ -37,6 +37,7 @@ from .walker import (
     final_logits,
     head_logits,
     iter_blocks,
+    norm_parameter_names,
     norm_parameters,
     on_device,
     run_blocks,
@@ -47,6 +48,6 @@ __all__ = [
     "block_linears", "blockwise_logits", "capture_block_inputs", "expand", "final_hidden", "final_logits",
     "find_linears",
     "fused_experts", "geometry", "get_architecture", "get_blocks", "head_logits", "iter_blocks", "load_model",
-    "model_context_length", "norm_parameters", "on_device", "resolve", "rope_pairs", "run_blocks", "split_experts",
+    "model_context_length", "norm_parameter_names", "norm_parameters", "on_device", "resolve", "rope_pairs", "run_blocks", "split_experts",
     "supported_architectures",
 ]

@@ -33,11 +33,20 @@ log = logging.getLogger(__name__)
 
 class BlockStream(Protocol):
     """What :func:`bitsmith.pipeline.quantize_model` asks of a streamed model: ``load(i)`` returns block ``i``
-    with real weights (on the host); ``done(i, block, result)`` takes the finished block away."""
+    with real weights (on the host); ``done(i, block, result)`` takes the finished block away. For end-to-end
+    tuning (:mod:`bitsmith.end_to_end`): ``load_ends()``/``release_ends()`` materialise and drop what runs outside
+    the blocks, and ``held`` maps the norm parameters' qualified names to the values to write (kept out of the
+    blocks' tensors when they are taken away, so the tuning can change them)."""
+
+    held: dict[str, torch.Tensor]
 
     def load(self, index: int) -> nn.Module: ...
 
     def done(self, index: int, block: nn.Module, result: Any) -> None: ...
+
+    def load_ends(self) -> None: ...
+
+    def release_ends(self) -> None: ...
 
 
 class WeightIndex:
@@ -276,6 +285,18 @@ class StreamingModel:
         for path in (self.arch.final_norm, *self.arch.final_extra, self.arch.lm_head):
             if resolve(self.model, path) is not None:
                 self.materialize(path)
+
+    def load_ends(self) -> None:
+        """Materialise everything outside the blocks (:meth:`load_front` and :meth:`load_tail`)."""
+        self.load_front()
+        self.load_tail()
+
+    def release_ends(self) -> None:
+        """Put the embeddings, final norm, extra projections and head back on ``meta``."""
+        self.release_front()
+        for path in (self.arch.final_norm, *self.arch.final_extra, self.arch.lm_head):
+            if resolve(self.model, path) is not None:
+                self.release(path)
 
     def iter_outside_blocks(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The checkpoint's tensors outside the blocks (embeddings, final norm, head, …) under the names

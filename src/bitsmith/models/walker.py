@@ -321,15 +321,25 @@ def final_hidden(model: nn.Module, arch: Architecture | None, hidden: torch.Tens
         return hidden
 
 
-def norm_parameters(model: nn.Module, arch: Architecture | None = None) -> list[nn.Parameter]:
-    """The normalisation layers' parameters (weights, LayerNorm biases): every block's norms that feed linears
-    (``norm_to_linears``), its other norms (``other_norms``: Gemma's post-norms, q/k norms) and the final norm,
-    in model order."""
+def norm_parameter_names(model: nn.Module, arch: Architecture | None = None) -> list[str]:
+    """Qualified names of the normalisation layers' parameters (weights, LayerNorm biases): every block's norms
+    that feed linears (``norm_to_linears``), its other norms (``other_norms``: Gemma's post-norms, q/k norms) and
+    the final norm, in model order. The parameters end-to-end tuning trains."""
     arch = arch or get_architecture(model)
     names = [name for name, _ in arch.norm_to_linears] + list(arch.other_norms)
-    modules = [resolve(block, name) for block in get_blocks(model, arch) for name in names]
-    modules.append(resolve(model, arch.final_norm))
-    return [p for m in modules if m is not None for p in m.parameters(recurse=False)]
+    paths = [f"{arch.layers}.{i}.{name}" for i in range(len(get_blocks(model, arch))) for name in names]
+    paths.append(arch.final_norm)
+    out = []
+    for path in paths:
+        module = resolve(model, path)
+        if module is not None:
+            out.extend(f"{path}.{leaf}" for leaf, _ in module.named_parameters(recurse=False))
+    return out
+
+
+def norm_parameters(model: nn.Module, arch: Architecture | None = None) -> list[nn.Parameter]:
+    """The parameters named by :func:`norm_parameter_names`, in model order."""
+    return [model.get_parameter(name) for name in norm_parameter_names(model, arch)]
 
 
 @torch.no_grad()

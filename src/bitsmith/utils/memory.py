@@ -317,6 +317,42 @@ def block_need(*, weight_bytes: int, linears: Sequence[tuple[int, int]], hidden:
     return {"weights": weight_bytes, **work, **algo}
 
 
+E2E_MODES = ("whole", "checkpointed", "offloaded", "streamed")
+
+
+def end_to_end_need(mode: str, *, model_bytes: int, block_bytes: int, ends_bytes: int, layers: int, hidden: int,
+                    intermediate: int, heads: int, vocab: int, batch: int, seqlen: int, units: int, elem: int,
+                    chunk: int, teacher_on_device: bool) -> dict[str, int]:
+    """Bytes the end-to-end stage (:mod:`bitsmith.end_to_end`) adds on its device in ``mode``, by part (an
+    estimate that errs high). ``model_bytes``/``block_bytes``/``ends_bytes``: all weights, the largest block's,
+    those outside the blocks; ``batch``×``seqlen``: one training batch; ``units``: this rank's calibration
+    sequences (all of them run, block by block, in each evaluation); ``chunk``: the KL's tokens per chunk.
+
+    Parts: the weights on the device (all of them for ``whole``/``checkpointed``; else the ends and two blocks,
+    the one in use and the one being read); the teacher's final hidden states (``units·T·H`` fp32, unless kept on the
+    host; twice: with the full-precision outputs they are computed from); and the larger of training and evaluation.
+    Training, ``whole``: every block's forward intermediates three times (the forward and what autograd saves) and
+    the full logits eight times (student's, their log-softmax and gradients, the teacher's log-probabilities and
+    their exponential, the KL's terms); evaluation there: six times one batch's logits; block by block: the blocks' inputs (``layers+1``
+    of ``b·T·H`` fp32), one block's intermediates three times, one chunk's logits six times. Evaluation (block by
+    block): every sequence's hidden state twice (a block's inputs and outputs)."""
+    tokens = batch * seqlen
+    forward = tokens * (4 * hidden + 3 * intermediate) * elem + batch * heads * seqlen * seqlen * 4
+    resident = mode in ("whole", "checkpointed")
+    parts = {"weights": model_bytes if resident else ends_bytes + 2 * block_bytes,
+             "teacher hidden states": 2 * units * seqlen * hidden * 4 if teacher_on_device else 0}
+    if mode == "whole":
+        train = {"autograd (every block)": 3 * forward * layers, "logits": 8 * tokens * vocab * 4}
+    else:
+        train = {"block inputs (checkpoints)": (layers + 1) * tokens * hidden * 4,
+                 "one block's autograd": 3 * forward, "KL chunk logits": 6 * min(chunk, tokens) * vocab * 4}
+    evaluate = {"evaluation hidden states": 2 * units * seqlen * hidden * 4,
+                "KL chunk logits": 2 * min(chunk, tokens) * vocab * 4}
+    if mode == "whole":
+        evaluate = {"evaluation logits": 6 * tokens * vocab * 4 + forward}
+    return {**parts, **max(train, evaluate, key=lambda d: sum(d.values()))}
+
+
 def activation_set_bytes(nsamples: int, seqlen: int, hidden: int, elem: int) -> int:
     """One set of calibration activations: ``nsamples × seqlen × hidden`` elements."""
     return nsamples * seqlen * hidden * elem
