@@ -320,10 +320,7 @@ def main(argv: list[str] | None = None) -> int:
 
     calib = calib_tokens(args.calib, args.nsamples, args.seqlen)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-    except (OSError, ValueError, TypeError):  # a generated model has none; the calibration ids are given
-        tokenizer = None
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     before = {n: m.weight.detach().clone() for n, m in block_linears(model).items()}
     runner = run_autoround if args.tool == "autoround" else run_llmc
     wall, cpu, notes = runner(model, tokenizer, calib, args)

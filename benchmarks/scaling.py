@@ -6,7 +6,8 @@ head's cost is real, untied, fp32) written by :func:`bitsmith.export.shards.writ
 random calibration ids (``--nsamples`` × ``--seqlen``, the same file for every tool). bitsmith runs through its CLI in
 a fresh process (``--threads``; W4 g128 asymmetric INT; the default recipe with ``--steps`` block steps and its own
 30 end-to-end steps), AutoRound through ``benchmarks/peer_run.py`` in the peer venv (``benchmarks/peers_setup.sh``)
-with ``--iters`` = ``--steps``, the same batch (8, or fewer samples) and tokens.
+with ``--iters`` = ``--steps``, the same batch (8, or fewer samples) and tokens (AutoRound wants a tokenizer object even
+for token ids: the fixture's, never used to tokenize).
 
 Reported per (width, method): seconds per block (bitsmith: the mean of ``bitsmith.json`` ``blocks[*].seconds``;
 AutoRound: its ``quantize()`` wall time / blocks, which includes its input capture), the end-to-end stage's seconds,
@@ -102,7 +103,7 @@ def run_autoround(model: Path, out: Path, calib: Path, layers: int, args) -> dic
     cmd = [str(PEERS), str(ROOT / "benchmarks" / "peer_run.py"), "--tool", "autoround", "--model", str(model),
            "--calib", str(calib), "--out", str(out), "--wbits", "4", "--group-size", "128", "--iters",
            str(args.steps), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--threads",
-           str(args.threads), "--all-layers"]
+           str(args.threads), "--all-layers", "--tokenizer", args.tokenizer]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     proc, wall, rss = _measured(cmd, env)
     if proc.returncode != 0:
@@ -131,6 +132,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--steps", type=int, default=30, help="block steps of the default recipe = AutoRound iters")
     ap.add_argument("--workdir", default="/tmp/bitsmith-scaling")
+    ap.add_argument("--tokenizer", default=str(ROOT.parent / "shared" / "models" / "aidreams260K"),
+                    help="a tokenizer folder for AutoRound, which wants one even for token ids (never tokenizes)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     work = Path(args.workdir)

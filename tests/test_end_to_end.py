@@ -101,14 +101,19 @@ def test_the_plan_picks_the_mode_up_front_and_refuses_what_cannot_fit(tmp_path, 
     plan = json.loads((tmp_path / "auto" / "bitsmith.json").read_text())["scale"]["end_to_end"]
     assert plan["mode"] == "whole" and plan["need_mb"] > 0  # the CPU has room for the fastest mode
     whole = plan["need_mb"]
-    # a budget the blocks fit but whole-model tuning does not: checkpointed, chosen before calibration
-    assert _quantize(aidreams, samples, tmp_path / "tight", "--max-memory", "26MB") == 0
-    report = json.loads((tmp_path / "tight" / "bitsmith.json").read_text())
-    assert report["scale"]["end_to_end"]["mode"] == report["end_to_end"]["mode"] == "checkpointed"
-    assert report["scale"]["end_to_end"]["need_mb"] < whole and report["scale"]["limit_mb"] < whole
     model, _ = load_model(aidreams)
     arch = get_architecture(model)
     config = QuantConfig(method="bitsmith", weight=QuantSpec(IntFormat(2), PerGroup(32)), nsamples=8, seqlen=64)
+    plan = RunPlan(RunOptions(device="cpu"), CPU)
+    geom = geometry(model.config, arch)
+    plan._plan_end_to_end(config, model, arch, geom, 4, limit=None)
+    whole = plan.plan["end_to_end"]["need_mb"] * 2**20
+    plan.opts = RunOptions(device="cpu", e2e_mode="checkpointed")
+    plan._plan_end_to_end(config, model, arch, geom, 4, limit=None)
+    lean = plan.plan["end_to_end"]["need_mb"] * 2**20
+    assert lean < whole
+    plan.opts = RunOptions(device="cpu")  # a budget whole-model tuning does not fit: checkpointed, up front
+    assert plan._plan_end_to_end(config, model, arch, geom, 4, limit=int((lean + whole) / 2)) == "checkpointed"
     with pytest.raises(Exception, match=r"end-to-end tuning needs ~.* --e2e-steps 0"):
         RunPlan(RunOptions(device="cpu"), CPU)._plan_end_to_end(config, model, arch, geometry(model.config, arch),
                                                                 4, limit=2**20)

@@ -62,6 +62,10 @@ class NumberFormat(ABC):
     def fake_quant(self, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
         """``dequantize(quantize(x))`` computed differentiably (straight-through rounding)."""
 
+    unit_grid = True  # grid_step is 1 everywhere (formats with a non-uniform grid set False)
+    # True: fake_quant/quantize take ``offset`` (grid steps) themselves, added to x / scale before rounding
+    offset_in_codes = False
+
     def grid_step(self, v: torch.Tensor) -> torch.Tensor:
         """Distance between neighbouring codes around the scaled value ``v`` (``x / scale``): 1 for integer
         grids, ``2^(e − M)`` in an FP format's binade. Learned rounding offsets are measured in this unit."""

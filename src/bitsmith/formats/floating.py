@@ -102,6 +102,8 @@ class FPFormat(NumberFormat):
         step = self.grid_step(a)  # frexp: a = m · 2^e, m in [0.5, 1), leading bit 2^(e − 1)
         return torch.copysign(torch.round(a / step) * step, v)
 
+    unit_grid = False
+
     def grid_step(self, v: torch.Tensor) -> torch.Tensor:
         """Spacing ``2^(e − M)`` of the grid around ``v`` (the step :meth:`round_to_grid` rounds with)."""
         a = v.detach().abs().clamp(max=self.max_value)

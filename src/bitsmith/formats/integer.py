@@ -71,8 +71,10 @@ class IntFormat(NumberFormat):
         zero = round_ste(-xmin / scale).clamp(0, self.qmax)
         return scale, zero
 
-    def quantize(self, x, scale, zero):
-        q = torch.round(x / scale)
+    offset_in_codes = True  # learned rounding offsets are added to x / scale (see QuantSpec.fake_quant)
+
+    def quantize(self, x, scale, zero, offset=None):
+        q = torch.round(x / scale if offset is None else x / scale + offset)
         if zero is not None:
             q = q + zero
         dtype = torch.int8 if self.symmetric else torch.uint8
@@ -84,8 +86,10 @@ class IntFormat(NumberFormat):
             q = q - zero
         return q * scale
 
-    def fake_quant(self, x, scale, zero):
-        q = round_ste(x / scale)
+    def fake_quant(self, x, scale, zero, offset=None):
+        """Quantize-dequantize ``x`` with ``round(x / scale + offset)`` (SignRound arXiv 2309.05516 Eq. 2; the
+        offsets ``V`` in grid steps, straight-through rounding)."""
+        q = round_ste(x / scale if offset is None else x / scale + offset)
         if zero is not None:
             q = q + zero
         q = torch.clamp(q, self.qmin, self.qmax)

@@ -23,6 +23,7 @@ import torch
 from ..errors import ConfigError
 from .base import NumberFormat
 from .granularity import Granularity, PerChannel, PerGroup, PerToken
+from .learned import learned_fake_quant
 from .ste import ste
 
 SCALE_CONSTRAINTS = ("none", "m1", "m2")
@@ -127,6 +128,8 @@ class QuantSpec:
         ``round(x / s + V)``; for FP formats the step is the local one, :meth:`NumberFormat.grid_step`)."""
         if offset is None:
             return x
+        if self.format.unit_grid:  # a grid step of 1 everywhere (integer grids): the same values, two ops fewer
+            return x + offset * s
         return x + offset * self.format.grid_step((x / s).detach()) * s
 
     def fake_quant(
@@ -140,7 +143,12 @@ class QuantSpec:
         ``offset`` (shape of ``x``): rounding offsets in grid steps added before rounding."""
         if scale is None:
             scale, zero = self.qparams(x)
+        if (offset is not None and self.format.offset_in_codes and not x.requires_grad and x.dim() == 2
+                and scale.dim() == 3 and torch.is_grad_enabled()):  # training learned rounding: fused
+            return learned_fake_quant(x, scale, zero, offset, self.format.qmin, self.format.qmax, self.granularity)
         s = self._blocks(x, scale)
+        if offset is not None and self.format.offset_in_codes:  # round(x / s + V)
+            return self.format.fake_quant(x, s, self._blocks(x, zero), offset=offset)
         return self.format.fake_quant(self._offset(x, s, offset), s, self._blocks(x, zero))
 
     def quantize(
@@ -158,7 +166,10 @@ class QuantSpec:
             scale = scale.reshape(scale.shape[0], -1)
             zero = None if zero is None else zero.reshape(zero.shape[0], -1)
             s = self._blocks(x, scale)
-            codes = self.format.quantize(self._offset(x, s, offset), s, self._blocks(x, zero))
+            if offset is not None and self.format.offset_in_codes:
+                codes = self.format.quantize(x, s, self._blocks(x, zero), offset=offset)
+            else:
+                codes = self.format.quantize(self._offset(x, s, offset), s, self._blocks(x, zero))
         return QuantizedTensor(codes, scale.detach(), None if zero is None else zero.detach(), self)
 
     def dequantize(

@@ -331,9 +331,10 @@ def end_to_end_need(mode: str, *, model_bytes: int, block_bytes: int, ends_bytes
     Parts: the weights on the device (all of them for ``whole``/``checkpointed``; else the ends and two blocks,
     the one in use and the one being read); the teacher's final hidden states (``units·T·H`` fp32, unless kept on the
     host; twice: with the full-precision outputs they are computed from); and the larger of training and evaluation.
-    Training, ``whole``: every block's forward intermediates three times (the forward and what autograd saves) and
-    the full logits eight times (student's, their log-softmax and gradients, the teacher's log-probabilities and
-    their exponential, the KL's terms); evaluation there: six times one batch's logits; block by block: the blocks' inputs (``layers+1``
+    Training, ``whole``: every block's forward intermediates twice (what autograd saves; the weights are frozen) and
+    the full logits six times (student's, their log-softmax and its gradient, the teacher's log-probabilities and
+    their exponential, the KL's terms: ~5 measured, benchmarks/RESULTS.md "Scaling"); evaluation there: six times
+    one batch's logits; block by block: the blocks' inputs (``layers+1``
     of ``b·T·H`` fp32), one block's intermediates three times, one chunk's logits six times. Evaluation (block by
     block): every sequence's hidden state twice (a block's inputs and outputs)."""
     tokens = batch * seqlen
@@ -342,7 +343,7 @@ def end_to_end_need(mode: str, *, model_bytes: int, block_bytes: int, ends_bytes
     parts = {"weights": model_bytes if resident else ends_bytes + 2 * block_bytes,
              "teacher hidden states": 2 * units * seqlen * hidden * 4 if teacher_on_device else 0}
     if mode == "whole":
-        train = {"autograd (every block)": 3 * forward * layers, "logits": 8 * tokens * vocab * 4}
+        train = {"autograd (every block)": 2 * forward * layers, "logits": 6 * tokens * vocab * 4}
     else:
         train = {"block inputs (checkpoints)": (layers + 1) * tokens * hidden * 4,
                  "one block's autograd": 3 * forward, "KL chunk logits": 6 * min(chunk, tokens) * vocab * 4}
